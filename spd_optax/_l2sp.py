@@ -1,0 +1,105 @@
+"""L2-SP: weight decay toward the pre-trained weights (the papers' baseline)."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import base as optax_base
+
+from spd_optax import _common
+
+
+class L2SPState(NamedTuple):
+  """State of `l2_sp`: the step count (for schedules) and the anchor."""
+
+  count: jax.Array
+  anchor: Any
+
+
+def l2_sp(
+    weight_decay: optax.ScalarOrSchedule,
+    *,
+    anchor: Any = 'init',
+    mask: Any = None,
+) -> optax.GradientTransformation:
+  """Adds `weight_decay * (params - anchor)` to the updates.
+
+  The decoupled form of L2-SP: placed between a scaling and the learning rate
+  (as `add_decayed_weights` is in `optax.adamw`), the step becomes
+  `u <- u - lr * weight_decay * (p - a)`. Call `init` with the pre-trained
+  weights: with `anchor="init"` they are the anchor.
+
+  Args:
+    weight_decay: lambda >= 0, a float or a schedule of the step count.
+    anchor: "init" (the params given to `init`), "zero" (plain decoupled weight
+      decay) or a params-shaped pytree.
+    mask: as in `optax.add_decayed_weights`; False leaves are not decayed.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  References:
+    Li, Grandvalet, Davoine, `Explicit Inductive Bias for Transfer Learning
+    with Convolutional Networks <https://arxiv.org/abs/1802.01483>`_, ICML 2018.
+  """
+  _common.check_non_negative(weight_decay, 'weight_decay')
+
+  def init_fn(params):
+    mask_tree = _common.resolve_mask(mask, params)
+    return L2SPState(count=jnp.zeros([], jnp.int32),
+                     anchor=_common.init_anchor(anchor, params, mask_tree))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(optax_base.NO_PARAMS_MSG)
+    mask_tree = _common.resolve_mask(mask, params)
+    anchors = (jax.tree.map(lambda _: None, params)
+               if state.anchor is None else state.anchor)
+    decay = _common.scalar_or_schedule(weight_decay, state.count)
+
+    def decay_leaf(update, param, anchor, keep):
+      if not keep:
+        return update
+      deviation = param if anchor is None else param - anchor
+      return (update + decay * deviation).astype(update.dtype)
+
+    updates = jax.tree.map(decay_leaf, updates, params, anchors, mask_tree)
+    return updates, L2SPState(optax.safe_increment(state.count), state.anchor)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamw_l2sp(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    anchor: Any = 'init',
+    mask: Any = None,
+) -> optax.GradientTransformation:
+  """AdamW whose decoupled decay pulls toward the anchor: Adam + L2-SP.
+
+  Args:
+    learning_rate: a float or a schedule.
+    weight_decay: lambda >= 0, multiplied by the learning rate as in AdamW.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    anchor: "init", "zero" or a params-shaped pytree; see `l2_sp`.
+    mask: leaves to decay; see `l2_sp`.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  References:
+    Li, Grandvalet, Davoine, `Explicit Inductive Bias for Transfer Learning
+    with Convolutional Networks <https://arxiv.org/abs/1802.01483>`_, ICML 2018.
+  """
+  return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      l2_sp(weight_decay, anchor=anchor, mask=mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

@@ -1,0 +1,196 @@
+"""Selective Projection Decay (SPD) as a wrapper around an optax optimizer."""
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import base as optax_base
+
+from spd_optax import _common
+
+
+class SelectiveProjectionDecayState(NamedTuple):
+  """State of `selective_projection_decay`.
+
+  Attributes:
+    count: steps taken, int32 (the argument of a `weight_decay` schedule).
+    base_optimizer_state: the wrapped optimizer's state.
+    anchor: the pre-trained weights, params-shaped; `optax.MaskedNode()` for
+      leaves excluded by the mask; None in PEFT mode (`anchor="zero"`).
+    selected: per leaf (per layer of a stacked leaf), whether the decay was
+      applied at the last step; `optax.MaskedNode()` where masked.
+    ratio: per leaf (per layer), the deviation ratio `r` applied at the last
+      step, 0 where not selected; `optax.MaskedNode()` where masked.
+  """
+
+  count: jax.Array
+  base_optimizer_state: optax.OptState
+  anchor: Any
+  selected: Any
+  ratio: Any
+
+
+def selective_projection_decay(
+    base_optimizer: Optional[optax.GradientTransformation] = None,
+    weight_decay: Optional[optax.ScalarOrSchedule] = None,
+    *,
+    anchor: Any = 'init',
+    mask: Any = None,
+    layer_axis: _common.PerLeafOption = None,
+    axis_name: _common.PerLeafOption = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Selective Projection Decay: pulls back layers that make no consistent progress.
+
+  Per leaf (one tensor is one layer), with `u` the base optimizer's update,
+  `g` the raw gradient and `a` the anchor::
+
+    d = p - a;   c = <g, d>
+    r = clip((||d + u|| - ||d||) / ||d + u||, 0, 1)     (0 if ||d + u|| = 0)
+    u' = u - weight_decay * r * (d + u)   if c > 0   else u
+
+  `weight_decay` is not multiplied by the learning rate. Call `init` with the
+  pre-trained weights: with `anchor="init"` they are the anchor.
+
+  Args:
+    base_optimizer: the optimizer whose update SPD constrains, e.g.
+      `optax.adam(lr)`. SPD needs both the raw gradient and this update, so it
+      wraps the optimizer instead of sitting beside it in `optax.chain`.
+    weight_decay: lambda >= 0, a float or a schedule of the step count.
+    anchor: "init" (the params given to `init`), "zero" (PEFT mode, e.g. LoRA
+      adapters: decay toward 0, nothing stored) or a params-shaped pytree.
+    mask: as in `optax.add_decayed_weights`: a bool pytree (or prefix) or a
+      callable on the params; False leaves get the base update unchanged and
+      store nothing.
+    layer_axis: per leaf, the axis that stacks layers (`nn.scan`), so each
+      slice is its own layer; None (default) for an ordinary leaf. One value,
+      a pytree (or prefix), or a callable `(path, shape) -> axis`.
+    axis_name: per leaf, the `shard_map` axis the leaf is split over, so the
+      per-layer sums are global; None (default) outside `shard_map`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Tian, Huang, Kira, `Rethinking Weight Decay for Robust Fine-Tuning of
+    Foundation Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
+  """
+  _common.require_base_optimizer(
+      base_optimizer, 'selective_projection_decay',
+      'spd_optax.selective_projection_decay(optax.adam(lr), weight_decay=...)')
+  if weight_decay is None:
+    raise TypeError('selective_projection_decay needs `weight_decay`.')
+  _common.check_non_negative(weight_decay, 'weight_decay')
+  base = optax.with_extra_args_support(base_optimizer)
+
+  def leaf_layers(params):
+    layer_axes = _common.resolve_per_leaf(layer_axis, params, 'layer_axis')
+    return jax.tree.map(
+        lambda p, axes: _common.normalize_axes(axes, p.ndim, 'layer_axis'),
+        params, layer_axes)
+
+  def init_fn(params):
+    mask_tree = _common.resolve_mask(mask, params)
+    kept_axes = leaf_layers(params)
+
+    def empty_stats(p, keep, kept):
+      if not keep:
+        return _common.MaskedNode(), _common.MaskedNode()
+      shape = _common.kept_shape(p.shape, kept)
+      return (jnp.zeros(shape, bool),
+              jnp.zeros(shape, _common.stat_dtype(p.dtype)))
+
+    stats = jax.tree.map(empty_stats, params, mask_tree, kept_axes)
+    selected, ratio = _common.unzip(stats, params, 2)
+    return SelectiveProjectionDecayState(
+        count=jnp.zeros([], jnp.int32),
+        base_optimizer_state=base.init(params),
+        anchor=_common.init_anchor(anchor, params, mask_tree),
+        selected=selected,
+        ratio=ratio,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(optax_base.NO_PARAMS_MSG)
+    base_updates, base_state = base.update(
+        updates, state.base_optimizer_state, params, **extra_args)
+    mask_tree = _common.resolve_mask(mask, params)
+    kept_axes = leaf_layers(params)
+    axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
+    anchors = (jax.tree.map(lambda _: None, params)
+               if state.anchor is None else state.anchor)
+    decay = _common.scalar_or_schedule(weight_decay, state.count)
+
+    def project(param, grad, update, anchor, keep, kept, name):
+      if not keep:
+        return update, _common.MaskedNode(), _common.MaskedNode()
+      dtype = _common.stat_dtype(param.dtype)
+      deviation = param.astype(dtype)
+      if anchor is not None:
+        deviation = deviation - anchor.astype(dtype)
+      proposed = deviation + update.astype(dtype)
+      progress, proposed_sq, deviation_sq = _common.reduce_sums(
+          (grad.astype(dtype) * deviation, proposed * proposed,
+           deviation * deviation), kept, name)
+      selected = progress > 0
+      proposed_norm = jnp.sqrt(proposed_sq)
+      ratio = jnp.clip(
+          _common.safe_div(proposed_norm - jnp.sqrt(deviation_sq),
+                           proposed_norm), 0, 1)
+      ratio = jnp.where(selected, ratio, 0)
+      shrink = decay * _common.expand_kept(ratio, param.ndim, kept)
+      new_update = update.astype(dtype) - shrink.astype(dtype) * proposed
+      return new_update.astype(param.dtype), selected, ratio
+
+    results = jax.tree.map(project, params, updates, base_updates, anchors,
+                           mask_tree, kept_axes, axis_names)
+    new_updates, selected, ratio = _common.unzip(results, params, 3)
+    return new_updates, SelectiveProjectionDecayState(
+        count=optax.safe_increment(state.count),
+        base_optimizer_state=base_state,
+        anchor=state.anchor,
+        selected=selected,
+        ratio=ratio,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def adam_spd(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    anchor: Any = 'init',
+    mask: Any = None,
+    layer_axis: _common.PerLeafOption = None,
+    axis_name: _common.PerLeafOption = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adam-SPD: `selective_projection_decay` around `optax.adam`.
+
+  Args:
+    learning_rate: Adam's learning rate, a float or a schedule.
+    weight_decay: SPD's lambda >= 0 (not scaled by the learning rate).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon.
+    anchor: "init", "zero" or a params-shaped pytree; see
+      `selective_projection_decay`.
+    mask: leaves to constrain; see `selective_projection_decay`.
+    layer_axis: per leaf, the stacked-layer axis.
+    axis_name: per leaf, the `shard_map` axis.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  References:
+    Tian, Huang, Kira, `Rethinking Weight Decay for Robust Fine-Tuning of
+    Foundation Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
+  """
+  return selective_projection_decay(
+      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+      weight_decay, anchor=anchor, mask=mask, layer_axis=layer_axis,
+      axis_name=axis_name)
