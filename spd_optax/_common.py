@@ -40,6 +40,12 @@ def check_non_negative(value, name: str) -> None:
     raise ValueError(f'`{name}` must be >= 0, got {value!r}.')
 
 
+def check_positive(value, name: str) -> None:
+  """Validates `value > 0` where it is given as a plain number."""
+  if isinstance(value, (int, float)) and not value > 0:
+    raise ValueError(f'`{name}` must be > 0, got {value!r}.')
+
+
 def check_in_range(value, name: str, low: float, high: float,
                    low_open: bool = False) -> None:
   """Validates `low <= value <= high` (or `low < value`) for plain numbers."""
@@ -97,6 +103,12 @@ def resolve_per_leaf(option: PerLeafOption, params, name: str):
   Returns a tree with the params' structure (as a prefix) whose value at each
   leaf is what `option` says for that leaf.
   """
+  if isinstance(option, (jax.Array, np.ndarray)):
+    # What `optax.inject_hyperparams` makes of an int it was not told is static.
+    raise TypeError(
+        f'`{name}` must be a static value (an int, a tuple of ints, a pytree or '
+        f'a callable), got an array. Under `optax.inject_hyperparams`, pass '
+        f'`static_args=({name!r},)`.')
   if callable(option) and not isinstance(option, (tuple, list, dict)):
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: option(path_names(path), tuple(np.shape(leaf))),

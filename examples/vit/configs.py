@@ -1,0 +1,46 @@
+"""The default study's settings; every field is a `train.py` flag."""
+
+import dataclasses
+
+METHODS = ('adamw', 'l2sp', 'spd', 'ftp')
+
+
+@dataclasses.dataclass
+class Config:
+  """Settings of a study: pre-training (unless a checkpoint is given), then one
+  fine-tuning run per method on `train_domain`, evaluated on every domain.
+  """
+
+  # Model and data.
+  model: str = 'small'
+  image_size: int = 16
+  checkpoint: str | None = None
+  data: str | None = None
+  train_domain: str | None = None  # None: "clean" (digits), else the first.
+  shots: int = 10  # labelled fine-tuning examples per class; 0: all
+  seed: int = 0
+
+  # Pre-training on every domain (when no checkpoint is given).
+  pretrain_steps: int = 1500
+  pretrain_lr: float = 1e-3
+  pretrain_batch_size: int = 128
+
+  # Fine-tuning: the same data order, steps and schedule for every method.
+  optimizer: str = 'all'
+  steps: int = 400
+  batch_size: int = 32
+  lr: float = 1e-3
+  warmup_steps: int = 20
+  # Per method; `--weight-decay` overrides. AdamW's decays toward 0, L2-SP's
+  # toward the pre-trained weights (both times lr); SPD's lambda is not
+  # scaled by lr; FTP's is AdamW's decay inside Adam-FTP (its constraint is k).
+  weight_decay: dict[str, float] = dataclasses.field(default_factory=lambda: {
+      'adamw': 0.1, 'l2sp': 1.0, 'spd': 1.0, 'ftp': 0.0})
+  ftp_k: float = 1.0
+
+  # Output.
+  eval_batch_size: int = 256
+  log_every: int = 5
+  results_dir: str = 'results/vit_digits'
+  cache_dir: str | None = None  # None: `cache/` beside `results_dir`.
+  quiet: bool = False
