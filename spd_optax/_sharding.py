@@ -174,24 +174,40 @@ def restore_state(manager, step: int, target: Any) -> Any:
     The restored state, with `target`'s structure and shardings.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  orbax_error = None
-  try:
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-  except ValueError as error:
-    orbax_error = error
-  saved = manager.item_metadata(step)
-  saved = getattr(saved, 'tree', saved)
-  if saved is not None:
+
+  def check(saved, cause=None):
     differences = _layout_differences(saved, target)
     if differences:
       raise ValueError(
           f'The checkpoint of step {step} does not hold a state of the '
           'optimizer it is restored into (was it written with another mask, '
           'anchor mode, base optimizer or params?):\n  '
-          + '\n  '.join(differences)) from orbax_error
-  if orbax_error is not None:
-    raise orbax_error
+          + '\n  '.join(differences)) from cause
+
+  # Orbax describes a checkpoint once it knows its handler: from the
+  # manager's `item_handlers`, or after a first restore (even a failed one).
+  saved = _saved_tree(manager, step)
+  if saved is not None:
+    check(saved)
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  except ValueError as error:
+    if saved is None and (saved := _saved_tree(manager, step)) is not None:
+      check(saved, cause=error)
+    raise
+  if saved is None and (saved := _saved_tree(manager, step)) is not None:
+    check(saved)
   return restored
+
+
+def _saved_tree(manager, step):
+  """The checkpoint's tree of array metadata, or None if orbax cannot tell."""
+  try:
+    saved = manager.item_metadata(step)
+  except (ValueError, KeyError, FileNotFoundError):
+    return None
+  saved = getattr(saved, 'tree', saved)
+  return saved if jax.tree.leaves(saved) else None
 
 
 def _layout_differences(saved, target, limit: int = 8) -> list[str]:

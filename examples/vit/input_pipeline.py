@@ -1,27 +1,29 @@
 """Domains of labelled images, and the grain pipelines that feed them.
 
-Two sources give the same thing, `{domain: [record, ...]}` with records
-`{"image": HxWx3 uint8}` or `{"path": file}`, plus `"label"`:
+Two sources give the same thing, `Domains.splits[domain][split]`, a list of
+records, each a dict with a `"label"` and either
 
-- `digits_domains`: scikit-learn's 8x8 digits, upscaled and rendered in
-  several domains (clean, noisy, blurred, inverted, rotated, coloured). The
-  same digits appear in every domain, so a split by digit is a split of all
-  domains at once.
-- `folder_domains`: a DomainNet-style folder, `DIR/<domain>/<class>/<image>`.
+- `{"pixels", "domain", "seed"}`: one of scikit-learn's 8x8 digits, rendered
+  in a domain (clean, noisy, blurred, inverted, rotated, coloured) when it is
+  read (`digits_domains`). The same digits appear in every domain, so a split
+  by digit splits all domains at once; or
+- `{"path"}`: an image file of a DomainNet-style folder,
+  `DIR/<domain>/<class>/<image>` (`folder_domains`), decoded and resized on
+  the host with PIL when it is read.
 
-Images are decoded and resized on the host with PIL inside a grain
-`MapDataset`; batches are `{"image": (n, s, s, 3) uint8, "label": (n,) int32}`.
+The grain pipelines shuffle records, batch them, and decode a batch at a
+time: `{"image": (n, s, s, 3) uint8, "label": (n,) int32}`.
 """
 
 from collections.abc import Iterator, Sequence
 import dataclasses
+import functools
 import os
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
-from PIL import ImageFilter
 
 Record = dict[str, Any]
 
@@ -57,78 +59,134 @@ def split_indices(n: int, fractions: Sequence[float], seed: int):
   return np.split(order, cuts)
 
 
-# scikit-learn digits in several domains.
+# scikit-learn digits in several domains, rendered a batch at a time.
 
-def _render_clean(x, rng):
-  del rng
+@functools.cache
+def _resize_matrix(size_out: int, size_in: int) -> np.ndarray:
+  """Bilinear resampling of one axis as a matrix `(size_out, size_in)`."""
+  x = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5,
+              0, size_in - 1)
+  low = np.floor(x).astype(int)
+  high = np.minimum(low + 1, size_in - 1)
+  matrix = np.zeros((size_out, size_in))
+  np.add.at(matrix, (np.arange(size_out), low), high - x + (low == high))
+  np.add.at(matrix, (np.arange(size_out), high), x - low)
+  return matrix / matrix.sum(1, keepdims=True)
+
+
+@functools.cache
+def _blur_matrix(size: int, sigma: float) -> np.ndarray:
+  """A Gaussian blur of one axis as a matrix (renormalised at the borders)."""
+  offsets = np.arange(size)[:, None] - np.arange(size)[None, :]
+  matrix = np.exp(-0.5 * (offsets / sigma) ** 2)
+  return matrix / matrix.sum(1, keepdims=True)
+
+
+def _gray(x, rngs):
+  del rngs
   return np.repeat(x[..., None], 3, axis=-1)
 
 
-def _render_noise(x, rng):
-  x = x + rng.normal(0.0, 0.35, x.shape)
-  return _render_clean(np.clip(x, 0, 1), rng)
+def _noise(x, rngs):
+  noise = np.stack([rng.normal(0.0, 0.35, x.shape[1:]) for rng in rngs])
+  return _gray(np.clip(x + noise, 0, 1), rngs)
 
 
-def _render_blur(x, rng):
-  radius = x.shape[0] / 12
-  image = Image.fromarray(np.uint8(x * 255)).filter(
-      ImageFilter.GaussianBlur(radius))
-  return _render_clean(np.asarray(image) / 255.0, rng)
+def _blur(x, rngs):
+  blur = _blur_matrix(x.shape[-1], x.shape[-1] / 12)
+  return _gray(np.einsum('ij,njk,lk->nil', blur, x, blur), rngs)
 
 
-def _render_invert(x, rng):
-  return _render_clean(1.0 - x, rng)
+def _invert(x, rngs):
+  return _gray(1.0 - x, rngs)
 
 
-def _render_rotate(x, rng):
-  angle = rng.uniform(60, 120) * rng.choice([-1, 1])
-  image = Image.fromarray(np.uint8(x * 255)).rotate(
-      angle, resample=Image.BILINEAR)
-  return _render_clean(np.asarray(image) / 255.0, rng)
+def _rotate(x, rngs):
+  """Rotations by 60 to 120 degrees either way, bilinear, zero outside."""
+  n, size = x.shape[0], x.shape[-1]
+  angles = np.radians([rng.uniform(60, 120) * rng.choice([-1, 1])
+                       for rng in rngs])
+  grid = np.arange(size) - (size - 1) / 2
+  cos, sin = np.cos(angles)[:, None, None], np.sin(angles)[:, None, None]
+  rows = cos * grid[:, None] - sin * grid[None, :] + (size - 1) / 2
+  cols = sin * grid[:, None] + cos * grid[None, :] + (size - 1) / 2
+  row0, col0 = np.floor(rows).astype(int), np.floor(cols).astype(int)
+  out = np.zeros_like(x)
+  batch = np.arange(n)[:, None, None]
+  for dr in (0, 1):
+    for dc in (0, 1):
+      r, c = row0 + dr, col0 + dc
+      weight = (1 - np.abs(rows - r)) * (1 - np.abs(cols - c))
+      inside = (r >= 0) & (r < size) & (c >= 0) & (c < size)
+      out += np.where(inside, weight * x[batch, np.clip(r, 0, size - 1),
+                                         np.clip(c, 0, size - 1)], 0)
+  return _gray(out, rngs)
 
 
-def _render_color(x, rng):
-  foreground, background = rng.uniform(0, 1, (2, 3))
-  while np.abs(foreground - background).sum() < 0.9:
+def _color(x, rngs):
+  """A random foreground and background colour, far enough apart."""
+  colors = []
+  for rng in rngs:
     foreground, background = rng.uniform(0, 1, (2, 3))
+    while np.abs(foreground - background).sum() < 0.9:
+      foreground, background = rng.uniform(0, 1, (2, 3))
+    colors.append((foreground, background))
+  foreground, background = (np.asarray(c)[:, None, None, :]
+                            for c in zip(*colors))
   return x[..., None] * foreground + (1 - x[..., None]) * background
 
 
 DIGIT_DOMAINS = {
-    'clean': _render_clean,
-    'noise': _render_noise,
-    'blur': _render_blur,
-    'invert': _render_invert,
-    'rotate': _render_rotate,
-    'color': _render_color,
+    'clean': _gray,
+    'noise': _noise,
+    'blur': _blur,
+    'invert': _invert,
+    'rotate': _rotate,
+    'color': _color,
 }
 
 
-def render_digit(pixels: np.ndarray, domain: str, image_size: int,
-                 seed: int) -> np.ndarray:
-  """One 8x8 digit (values 0..16) as an `image_size` RGB image of `domain`.
+def render_digits(pixels: np.ndarray, domains: Sequence[str], image_size: int,
+                  seeds: Sequence[int]) -> np.ndarray:
+  """8x8 digits (values 0..16) as `image_size` RGB images of their domains.
 
-  Deterministic: the same digit, domain and seed give the same image.
-  """
-  image = Image.fromarray(np.uint8(pixels * (255 / 16)))
-  x = np.asarray(image.resize((image_size, image_size), Image.BICUBIC)) / 255.0
-  rgb = DIGIT_DOMAINS[domain](np.clip(x, 0, 1), np.random.default_rng(seed))
-  return np.uint8(np.clip(rgb, 0, 1) * 255 + 0.5)
-
-
-def digits_domains(image_size: int, domains: Sequence[str] = tuple(DIGIT_DOMAINS),
-                   fractions=(0.5, 0.2), seed: int = 0) -> Domains:
-  """scikit-learn's digits rendered in `domains`, split by digit.
+  Each image's randomness (noise, angle, colours) comes from its own seed:
+  the same digit, domain and seed always give the same image.
 
   Args:
-    image_size: the side of the rendered images.
+    pixels: `(n, 8, 8)` digits.
+    domains: `n` names from `DIGIT_DOMAINS`.
+    image_size: the side of the images.
+    seeds: `n` seeds.
+
+  Returns:
+    `(n, image_size, image_size, 3)` uint8 images.
+  """
+  resize = _resize_matrix(image_size, pixels.shape[-1])
+  x = np.clip(np.einsum('ij,njk,lk->nil', resize, pixels / 16.0, resize), 0, 1)
+  domains = np.asarray(domains)
+  rngs = [np.random.default_rng(int(seed)) for seed in seeds]
+  images = np.zeros(x.shape + (3,))
+  for domain, render in DIGIT_DOMAINS.items():
+    rows = np.flatnonzero(domains == domain)
+    if rows.size:
+      images[rows] = render(x[rows], [rngs[i] for i in rows])
+  return np.uint8(np.clip(images, 0, 1) * 255 + 0.5)
+
+
+def digits_domains(domains: Sequence[str] = tuple(DIGIT_DOMAINS),
+                   fractions=(0.5, 0.2), seed: int = 0) -> Domains:
+  """scikit-learn's digits in `domains`, split by digit.
+
+  Args:
     domains: names from `DIGIT_DOMAINS`.
     fractions: the shares of digits for "pretrain" and "finetune"; the rest
       is "test". Every domain uses the same digits in each split.
     seed: the split's and the renderings' seed.
 
   Returns:
-    The `Domains`, images rendered in memory.
+    The `Domains`; each record renders the same image every time it is read
+    (`train_batches(..., augment=True)` draws new renderings).
   """
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
@@ -139,20 +197,12 @@ def digits_domains(image_size: int, domains: Sequence[str] = tuple(DIGIT_DOMAINS
   parts = split_indices(len(digits.target), fractions, seed)
   splits = {}
   for d, domain in enumerate(domains):
-    def render(i, domain=domain, d=d):
-      return {'image': render_digit(digits.images[i], domain, image_size,
-                                    seed=(seed * 7919 + d) * 100003 + int(i)),
-              'label': int(digits.target[i])}
     splits[domain] = {
-        name: _materialize(grain.MapDataset.source(part.tolist()).map(render))
+        name: [{'pixels': digits.images[i], 'domain': domain,
+                'seed': (seed * 7919 + d) * 100003 + int(i),
+                'label': int(digits.target[i])} for i in part]
         for name, part in zip(('pretrain', 'finetune', 'test'), parts)}
   return Domains(tuple(str(c) for c in digits.target_names), splits)
-
-
-def _materialize(dataset: grain.MapDataset) -> list[Any]:
-  # Indexing reads in this thread: for in-memory work, reader threads only
-  # contend for the GIL.
-  return [dataset[i] for i in range(len(dataset))]
 
 
 # DomainNet-style folders.
@@ -229,42 +279,66 @@ def few_shot(records: Sequence[Record], shots: int, seed: int) -> list[Record]:
 
 # grain pipelines.
 
-class DecodeImage(grain.transforms.Map):
-  """Record -> `{"image": s x s x 3 uint8, "label": int32}`, with PIL."""
+class DecodeBatch(grain.transforms.Map):
+  """A batch of records -> `{"image": (n, s, s, 3) uint8, "label": int32}`."""
 
   def __init__(self, image_size: int):
     self.image_size = image_size
 
-  def map(self, record: Record) -> dict[str, np.ndarray]:
-    if 'path' in record:
-      with Image.open(record['path']) as image:
-        image = image.convert('RGB')
-    elif record['image'].shape[:2] == (self.image_size, self.image_size):
-      return {'image': record['image'], 'label': np.int32(record['label'])}
+  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if 'pixels' in batch:
+      images = render_digits(batch['pixels'], batch['domain'], self.image_size,
+                             batch['seed'])
     else:
-      image = Image.fromarray(record['image'])
-    if image.size != (self.image_size, self.image_size):
-      image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-    return {'image': np.asarray(image, np.uint8),
-            'label': np.int32(record['label'])}
+      images = np.stack([self.load(path) for path in batch['path']])
+    return {'image': images, 'label': batch['label'].astype(np.int32)}
+
+  def load(self, path: str) -> np.ndarray:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+      if image.size != (self.image_size, self.image_size):
+        image = image.resize((self.image_size, self.image_size),
+                             Image.BILINEAR)
+      return np.asarray(image, np.uint8)
+
+
+def _new_rendering(record: Record, rng: np.random.Generator) -> Record:
+  if 'pixels' not in record:
+    return record
+  return dict(record, seed=int(rng.integers(2**31)))
 
 
 def _read_options(records: Sequence[Record]) -> grain.ReadOptions:
-  # Files are decoded in reader threads (PIL releases the GIL while decoding);
-  # images already in memory are cheaper to batch in this thread.
-  on_disk = any('path' in r for r in records[:1])
-  return grain.ReadOptions(num_threads=4 if on_disk else 0,
-                           prefetch_buffer_size=4)
+  # Files are decoded in several reader threads (PIL releases the GIL while
+  # decoding); digits need one, to render the next batch during a step.
+  on_disk = bool(records) and 'path' in records[0]
+  return grain.ReadOptions(num_threads=4 if on_disk else 1,
+                           prefetch_buffer_size=2)
 
 
 def train_batches(records: Sequence[Record], image_size: int, batch_size: int,
-                  seed: int) -> Iterator[dict[str, Any]]:
-  """Endless shuffled batches (a new order each epoch, the same for a seed)."""
+                  seed: int, augment: bool = False
+                  ) -> Iterator[dict[str, Any]]:
+  """Endless shuffled batches (a new order each epoch, the same for a seed).
+
+  Args:
+    records: the examples.
+    image_size: the side images are resized to.
+    batch_size: examples per batch.
+    seed: the seed of the order (and of the augmentation).
+    augment: digits are rendered anew (new noise, colours, angles) each time
+      they are read; other records are unchanged.
+
+  Returns:
+    An iterator of `{"image": uint8, "label": int32}` batches.
+  """
   dataset = (grain.MapDataset.source(list(records))
              .shuffle(seed=seed)
-             .repeat()
-             .map(DecodeImage(image_size))
-             .batch(batch_size, drop_remainder=True))
+             .repeat())
+  if augment:
+    dataset = dataset.random_map(_new_rendering, seed=seed)
+  dataset = (dataset.batch(batch_size, drop_remainder=True)
+             .map(DecodeBatch(image_size)))
   return iter(dataset.to_iter_dataset(_read_options(records)))
 
 
@@ -280,7 +354,7 @@ def eval_batches(records: Sequence[Record], image_size: int,
     return batch
 
   dataset = (grain.MapDataset.source(list(records))
-             .map(DecodeImage(image_size))
              .batch(batch_size)
+             .map(DecodeBatch(image_size))
              .map(pad))
   return iter(dataset.to_iter_dataset(_read_options(records)))

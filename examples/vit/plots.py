@@ -112,7 +112,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
   right.set_ylim(0, 100)
   right.set_title('Accuracy per domain')
   right.grid(axis='y', alpha=0.3)
-  right.legend(fontsize=8, loc='lower left', ncol=2)
+  right.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.17),
+               ncol=len(runs) + 1, frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -192,7 +192,8 @@ def pretrain(model, domains: input_pipeline.Domains, config: configs.Config):
                             tx=optax.adamw(schedule, weight_decay=0.05),
                             anchor=params)
   batches = input_pipeline.train_batches(
-      records, config.image_size, config.pretrain_batch_size, config.seed)
+      records, config.image_size, config.pretrain_batch_size, config.seed,
+      augment=True)
   state, _ = train(state, batches, config.pretrain_steps, config, 'pre-train')
   return state.params
 
@@ -402,8 +403,8 @@ def run_study(config: configs.Config) -> dict[str, Any]:
   pretraining = config.checkpoint is None
   fractions = (0.5, 0.2) if pretraining else (0.0, 0.7)
   if config.data is None:
-    domains = input_pipeline.digits_domains(
-        config.image_size, fractions=fractions, seed=config.seed)
+    domains = input_pipeline.digits_domains(fractions=fractions,
+                                            seed=config.seed)
   else:
     domains = input_pipeline.folder_domains(
         config.data, fractions=fractions, seed=config.seed)

@@ -1,0 +1,192 @@
+"""Tests of the ViT robust fine-tuning example (`examples/vit`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from examples.vit import models
+from examples.vit import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = models.VIT_CONFIGS['tiny']
+FAST = ['--model', 'tiny', '--quiet', '--log-every', '2']
+
+
+def write_tiny_checkpoint(path, image_size=16, num_classes=10, seed=0):
+  model = models.VisionTransformer(num_classes, TINY)
+  params = models.init_params(model, image_size, seed)
+  models.save_npz(path, params)
+  return params
+
+
+def write_domains(root, domains=('real', 'sketch', 'paint'), classes=('cat', 'dog'),
+                  per_class=5, empty=()):
+  """A DomainNet-style folder of small PNGs: root/<domain>/<class>/<i>.png."""
+  rng = np.random.default_rng(0)
+  for d, domain in enumerate(domains):
+    for c, name in enumerate(classes):
+      os.makedirs(os.path.join(root, domain, name))
+      if domain in empty:
+        continue
+      for i in range(per_class):
+        pixels = rng.integers(0, 60, (20, 24, 3)) + 90 * c + 30 * d
+        Image.fromarray(np.uint8(pixels)).save(
+            os.path.join(root, domain, name, f'{i}.png'))
+  return str(root)
+
+
+def run_error(argv, capsys):
+  """Runs main(argv), expecting a usage error; returns its stderr line."""
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(argv)
+  assert exit_info.value.code != 0
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith('error: ')
+  return lines[0]
+
+
+def test_npz_keys_follow_the_vit_jax_layout(tmp_path):
+  write_tiny_checkpoint(tmp_path / 'ckpt.npz')
+  with np.load(tmp_path / 'ckpt.npz', allow_pickle=False) as npz:
+    shapes = {key: npz[key].shape for key in npz.files}
+  block = 'Transformer/encoderblock_1/'
+  attention = block + 'MultiHeadDotProductAttention_1/'
+  assert shapes['embedding/kernel'] == (4, 4, 3, 16)
+  assert shapes['cls'] == (1, 1, 16)
+  assert shapes['Transformer/posembed_input/pos_embedding'] == (1, 17, 16)
+  assert shapes[attention + 'query/kernel'] == (16, 2, 8)
+  assert shapes[attention + 'value/bias'] == (2, 8)
+  assert shapes[attention + 'out/kernel'] == (2, 8, 16)
+  assert shapes[block + 'LayerNorm_0/scale'] == (16,)
+  assert shapes[block + 'LayerNorm_2/bias'] == (16,)
+  assert shapes[block + 'MlpBlock_3/Dense_0/kernel'] == (16, 32)
+  assert shapes[block + 'MlpBlock_3/Dense_1/kernel'] == (32, 16)
+  assert shapes['Transformer/encoder_norm/scale'] == (16,)
+  assert shapes['head/kernel'] == (16, 10)
+  assert len(shapes) == 4 + 2 * 16 + 2 + 2
+
+
+def test_npz_round_trip_resizes_posemb_and_makes_a_new_head(tmp_path):
+  saved = write_tiny_checkpoint(tmp_path / 'ckpt.npz', image_size=16)
+  model = models.VisionTransformer(3, TINY)
+  init = models.init_params(model, 32, seed=1)
+  loaded = models.load_npz(str(tmp_path / 'ckpt.npz'), init)
+
+  chex.assert_trees_all_equal_shapes(loaded, init)
+  np.testing.assert_array_equal(loaded['head']['kernel'], np.zeros((16, 3)))
+  np.testing.assert_array_equal(loaded['head']['bias'], np.zeros(3))
+  posemb = loaded['Transformer']['posembed_input']['pos_embedding']
+  old = np.asarray(saved['Transformer']['posembed_input']['pos_embedding'])
+  chex.assert_shape(posemb, (1, 65, 16))
+  np.testing.assert_array_equal(posemb[:, 0], old[:, 0])
+  # Bilinear upsampling keeps the grid's mean and stays within its range.
+  np.testing.assert_allclose(posemb[0, 1:].mean(0), old[0, 1:].mean(0),
+                             atol=0.01)
+  assert posemb[0, 1:].max() <= old[0, 1:].max() + 1e-6
+  rest = lambda p: {k: v for k, v in models.flatten(p).items()
+                    if not k.startswith('head/') and 'pos_embedding' not in k}
+  chex.assert_trees_all_equal(rest(loaded), rest(jax.device_get(saved)))
+  logits = model.apply({'params': loaded}, np.zeros((2, 32, 32, 3), np.float32))
+  chex.assert_shape(logits, (2, 3))
+
+
+def test_helpers_mask_the_head_and_name_attention_output_axes():
+  params = models.init_params(models.VisionTransformer(10, TINY), 16)
+  mask = models.backbone_mask(params)
+  assert not any(jax.tree.leaves(mask['head']))
+  assert all(jax.tree.leaves({k: v for k, v in mask.items() if k != 'head'}))
+  attention = ('Transformer', 'encoderblock_0', 'MultiHeadDotProductAttention_1')
+  assert models.vit_output_axes(attention + ('query', 'kernel'), (16, 2, 8)) == (1, 2)
+  assert models.vit_output_axes(attention + ('out', 'kernel'), (2, 8, 16)) == (2,)
+  assert models.vit_output_axes(attention + ('key', 'bias'), (2, 8)) == ()
+  assert models.vit_output_axes(('embedding', 'kernel'), (4, 4, 3, 16)) == (3,)
+
+
+def test_default_study_writes_every_method_domain_and_plot(tmp_path, capsys):
+  out = tmp_path / 'out'
+  argv = FAST + ['--pretrain-steps', '4', '--steps', '4', '--shots', '2',
+                 '--results-dir', str(out)]
+  train.main(argv)
+  captured = capsys.readouterr()
+  assert 'Adam-SPD' in captured.out and str(out) in captured.out
+
+  with open(out / 'results.json') as f:
+    results = json.load(f)
+  assert set(results['methods']) == {'adamw', 'l2sp', 'spd', 'ftp'}
+  ood = {'noise', 'blur', 'invert', 'rotate', 'color'}
+  assert set(results['domains']) == ood | {'clean'}
+  for run in results['methods'].values():
+    assert set(run['ood_accuracy']) == ood
+    assert 0 <= run['id_accuracy'] <= 1 and run['deviation'] >= 0
+    assert run['history']['step'][-1] == 4
+  assert 'selected' in results['methods']['spd']['history']
+  assert 'gamma' in results['methods']['ftp']['history']
+  for name in ('accuracy', 'deviation', 'spd_selection', 'ftp_gamma'):
+    assert (out / f'{name}.png').stat().st_size > 1000
+  assert any(p.startswith('pretrain_') for p in os.listdir(tmp_path / 'cache'))
+
+
+def test_data_dir_with_a_checkpoint(tmp_path):
+  data = write_domains(tmp_path / 'data')
+  write_tiny_checkpoint(tmp_path / 'ckpt.npz', image_size=16)
+  out = tmp_path / 'out'
+  results = train.main(FAST + [
+      '--data', data, '--checkpoint', str(tmp_path / 'ckpt.npz'),
+      '--train-domain', 'sketch', '--optimizer', 'spd', '--steps', '3',
+      '--shots', '0', '--batch-size', '4', '--image-size', '8',
+      '--results-dir', str(out)])
+  assert results['class_names'] == ['cat', 'dog']
+  assert results['train_domain'] == 'sketch'
+  assert set(results['methods']['spd']['ood_accuracy']) == {'paint', 'real'}
+  assert results['pretrained_accuracy'] is None
+  assert (out / 'spd_selection.png').exists()
+
+
+def test_missing_checkpoint_is_one_line_error(capsys):
+  line = run_error(FAST + ['--checkpoint', '/no/such/ViT-B_16.npz'], capsys)
+  assert '/no/such/ViT-B_16.npz' in line
+
+
+def test_wrong_shape_checkpoint_is_one_line_error(tmp_path, capsys):
+  write_tiny_checkpoint(tmp_path / 'ckpt.npz')
+  line = run_error(['--model', 'small', '--quiet',
+                    '--checkpoint', str(tmp_path / 'ckpt.npz')], capsys)
+  assert 'shape' in line and '--model' in line
+
+
+def test_empty_domain_is_one_line_error(tmp_path, capsys):
+  data = write_domains(tmp_path / 'data', empty=('paint',))
+  line = run_error(FAST + ['--data', data], capsys)
+  assert "'paint'" in line
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path, capsys):
+  line = run_error(FAST + ['--data', str(tmp_path / 'nothing')], capsys)
+  assert 'nothing' in line
+
+
+def test_help_explains_every_flag(capsys):
+  with pytest.raises(SystemExit):
+    train.main(['--help'])
+  text = capsys.readouterr().out
+  for flag in ('--checkpoint', '--model', '--data', '--train-domain',
+               '--optimizer', '--lr', '--weight-decay', '--steps',
+               '--batch-size', '--image-size', '--results-dir', '--quiet'):
+    assert flag in text
+
+
+def test_module_runs_from_the_repo_root_and_fails_without_traceback():
+  result = subprocess.run(
+      [sys.executable, '-m', 'examples.vit.train', '--checkpoint', 'no.npz'],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode != 0
+  assert result.stderr.strip().splitlines() == [
+      'error: checkpoint no.npz does not exist.']
