@@ -17,7 +17,9 @@ def _is_masked(x) -> bool:
 
 
 def _shape(x) -> tuple[int, ...]:
-  return tuple(getattr(x, 'shape', None) or np.shape(x))
+  """The shape of an array, a `jax.ShapeDtypeStruct` or orbax's metadata."""
+  shape = getattr(x, 'shape', None)
+  return tuple(shape) if shape is not None else np.shape(x)
 
 
 def _spec_entries(sharding, ndim: int):
@@ -184,18 +186,17 @@ def restore_state(manager, step: int, target: Any) -> Any:
           'anchor mode, base optimizer or params?):\n  '
           + '\n  '.join(differences)) from cause
 
-  # Orbax describes a checkpoint once it knows its handler: from the
-  # manager's `item_handlers`, or after a first restore (even a failed one).
-  saved = _saved_tree(manager, step)
-  if saved is not None:
-    check(saved)
+  # Orbax describes the checkpoint once a restore (even a failed one) has
+  # told the manager its handler; asking before would only log warnings.
   try:
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
   except ValueError as error:
-    if saved is None and (saved := _saved_tree(manager, step)) is not None:
+    saved = _saved_tree(manager, step)
+    if saved is not None:
       check(saved, cause=error)
     raise
-  if saved is None and (saved := _saved_tree(manager, step)) is not None:
+  saved = _saved_tree(manager, step)
+  if saved is not None:
     check(saved)
   return restored
 

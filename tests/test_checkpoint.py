@@ -179,8 +179,8 @@ class CheckpointTest(parameterized.TestCase):
     _, state = _trained_state(saved, steps=1)
     directory = self._save(state)
     target = CONFIGS[target_name]().init(_pretrained())
-    # A manager told the handler describes the checkpoint before reading it;
-    # a default one only after a first restore (which orbax may let pass).
+    # Whether orbax itself lets the restore pass or raises, and whether or
+    # not the manager was told the handler.
     for handlers in (ocp.StandardCheckpointHandler(), None):
       with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
         with self.assertRaisesRegex(ValueError, 'another mask, anchor mode') as (

@@ -91,7 +91,7 @@ def fine_tune(opt, params, loss, steps, wrap=jax.jit):
 
 
 def assert_mlp_matches_reference(history, states, reference, ftp):
-  """Params (every step) and gamma (every projected leaf) equal the reference's."""
+  """Params (every step) and projected leaves' gamma equal the reference's."""
   assert len(history) == len(reference)
   for t, (params, expected) in enumerate(zip(history, reference)):
     chex.assert_trees_all_close(

@@ -21,7 +21,7 @@ class Config:
   seed: int = 0
 
   # Pre-training on every domain (when no checkpoint is given).
-  pretrain_steps: int = 1500
+  pretrain_steps: int = 3000
   pretrain_lr: float = 1e-3
   pretrain_batch_size: int = 128
 

@@ -20,6 +20,7 @@ On a public `vit_jax` checkpoint and DomainNet-style data::
 import argparse
 from collections.abc import Iterator, Sequence
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -97,10 +98,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array]):
   return state, metrics
 
 
-@jax.jit
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=0)
+def eval_step(apply_fn, params, batch: dict[str, jax.Array]) -> jax.Array:
   """The number of correctly classified real (not padding) rows of `batch`."""
-  logits = state.apply_fn({'params': state.params}, normalize(batch['image']))
+  logits = apply_fn({'params': params}, normalize(batch['image']))
   correct = (jnp.argmax(logits, -1) == batch['label']) & batch['valid']
   return jnp.sum(correct)
 
@@ -110,7 +111,7 @@ def evaluate(state: TrainState, records, config: configs.Config) -> float:
   correct = 0
   for batch in input_pipeline.eval_batches(records, config.image_size,
                                            config.eval_batch_size):
-    correct += int(eval_step(state, batch))
+    correct += int(eval_step(state.apply_fn, state.params, batch))
   return correct / len(records)
 
 
@@ -214,9 +215,8 @@ def cached_pretrain(model, domains, config: configs.Config):
   path = os.path.abspath(os.path.join(config.cache_dir, f'pretrain_{digest}'))
   checkpointer = ocp.StandardCheckpointer()
   if os.path.isdir(path):
-    abstract = jax.eval_shape(
-        lambda: models.init_params(model, config.image_size, config.seed))
-    params = checkpointer.restore(path, abstract)
+    params = checkpointer.restore(
+        path, models.abstract_params(model, config.image_size))
     return params, path, True
   params = pretrain(model, domains, config)
   checkpointer.save(path, params)
@@ -425,8 +425,6 @@ def run_study(config: configs.Config) -> dict[str, Any]:
 
   model = models.VisionTransformer(len(domains.class_names),
                                    models.VIT_CONFIGS[config.model])
-  abstract = jax.eval_shape(
-      lambda: models.init_params(model, config.image_size, config.seed))
   results: dict[str, Any] = {
       'config': dataclasses.asdict(config),
       'domains': list(domains.names),
@@ -449,7 +447,9 @@ def run_study(config: configs.Config) -> dict[str, Any]:
     params = dict(params, head=jax.tree.map(jnp.zeros_like, params['head']))
   else:
     params = jax.tree.map(jnp.asarray,
-                          models.load_npz(config.checkpoint, abstract))
+                          models.load_npz(config.checkpoint,
+                                          models.abstract_params(
+                                              model, config.image_size)))
 
   methods = configs.METHODS if config.optimizer == 'all' else (config.optimizer,)
   results['methods'] = {
