@@ -97,7 +97,7 @@ def assert_statistics_match(states, reference, spd_state=lambda s: s):
     ratio = {k: v for k, v in flatten(state.ratio).items()
              if not isinstance(v, optax.MaskedNode)}
     expected = {k: np.bool_(v) for k, v in reference.selected[t].items()}
-    assert selected == expected, f'selected at step {t}: {selected}
+    assert selected == expected, f'selected at step {t}: {selected}'
     chex.assert_trees_all_close(ratio, reference.ratio[t], atol=ATOL, rtol=0,
                                 custom_message=f'ratio at step {t}')
 
