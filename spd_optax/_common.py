@@ -140,18 +140,23 @@ def normalize_axes(axes, ndim: int, name: str) -> tuple[int, ...]:
   return tuple(sorted(set(out)))
 
 
+def check_anchor(anchor) -> None:
+  """Validates an `anchor` given as a string where it is given."""
+  if isinstance(anchor, str) and anchor not in ('init', 'zero'):
+    raise ValueError(
+        f'`anchor` must be "init", "zero" or a params-shaped pytree, got '
+        f'{anchor!r}.')
+
+
 def init_anchor(anchor, params, mask_tree):
   """The anchor to keep in the state: a copy of `params`, None, or checked.
 
   Leaves excluded by the mask store `optax.MaskedNode()` instead.
   """
   if isinstance(anchor, str):
+    check_anchor(anchor)
     if anchor == 'zero':
       return None
-    if anchor != 'init':
-      raise ValueError(
-          f'`anchor` must be "init", "zero" or a params-shaped pytree, got '
-          f'{anchor!r}.')
     anchor = params
   else:
     check_same_layout(anchor, params, 'anchor')

@@ -22,7 +22,7 @@ def l2_sp(
     *,
     anchor: Any = 'init',
     mask: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Adds `weight_decay * (params - anchor)` to the updates.
 
   The decoupled form of L2-SP: placed between a scaling and the learning rate
@@ -37,20 +37,22 @@ def l2_sp(
     mask: as in `optax.add_decayed_weights`; False leaves are not decayed.
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformationExtraArgs`.
 
   References:
     Li, Grandvalet, Davoine, `Explicit Inductive Bias for Transfer Learning
     with Convolutional Networks <https://arxiv.org/abs/1802.01483>`_, ICML 2018.
   """
   _common.check_non_negative(weight_decay, 'weight_decay')
+  _common.check_anchor(anchor)
 
   def init_fn(params):
     mask_tree = _common.resolve_mask(mask, params)
     return L2SPState(count=jnp.zeros([], jnp.int32),
                      anchor=_common.init_anchor(anchor, params, mask_tree))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     mask_tree = _common.resolve_mask(mask, params)
@@ -67,7 +69,7 @@ def l2_sp(
     updates = jax.tree.map(decay_leaf, updates, params, anchors, mask_tree)
     return updates, L2SPState(optax.safe_increment(state.count), state.anchor)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def adamw_l2sp(

@@ -81,6 +81,7 @@ def selective_projection_decay(
   if weight_decay is None:
     raise TypeError('selective_projection_decay needs `weight_decay`.')
   _common.check_non_negative(weight_decay, 'weight_decay')
+  _common.check_anchor(anchor)
   base = optax.with_extra_args_support(base_optimizer)
 
   def leaf_layers(params):
