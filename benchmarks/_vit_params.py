@@ -64,8 +64,18 @@ def _vit_jax_shapes(name):
   }
 
 
+_EXAMPLE = []
+
+
 def _load_example():
   """The example's models module, or None when it is not there (yet)."""
+  if _EXAMPLE:
+    return _EXAMPLE[0]
+  _EXAMPLE.append(_import_example())
+  return _EXAMPLE[0]
+
+
+def _import_example():
   path = os.path.join(_ROOT, 'examples', 'vit', 'models.py')
   if not os.path.exists(path):
     return None
@@ -84,20 +94,22 @@ def _load_example():
 
 def _example_shapes(module, name):
   """Shapes from the example model through `jax.eval_shape`, or None."""
-  make = getattr(module, 'make_model', None) or getattr(module, 'get_model', None)
   try:
-    if make is not None:
-      model = make(name, num_classes=NUM_CLASSES)
-    else:
-      configs = getattr(module, 'CONFIGS', None) or getattr(module, 'VIT_CONFIGS')
-      model = module.VisionTransformer(num_classes=NUM_CLASSES, **configs[name])
+    model = module.VisionTransformer(num_classes=NUM_CLASSES,
+                                     config=module.VIT_CONFIGS[name])
     images = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
     variables = jax.eval_shape(
-        lambda x: model.init(jax.random.key(0), x, train=False), images)
-  except Exception:  # pylint: disable=broad-except
+        lambda x: model.init(jax.random.key(0), x), images)
+  except Exception as error:  # pylint: disable=broad-except
+    print(f'# examples/vit/models.py has no usable {name} ({error!r}); '
+          'using the built-in vit_jax layout.', file=sys.stderr)
     return None
-  params = variables['params'] if 'params' in variables else variables
-  return jax.tree.map(lambda s: tuple(s.shape), params)
+  return jax.tree.map(lambda s: tuple(s.shape), variables['params'])
+
+
+def example_module():
+  """The example's models module (`examples/vit/models.py`), or None."""
+  return _load_example()
 
 
 def param_shapes(name):
@@ -140,7 +152,26 @@ def random_params(name, dtype=jnp.float32, seed=0, scale=0.02):
 
 def head_mask(params):
   """The mask that excludes the classification head (True: constrained)."""
-  return {k: jax.tree.map(lambda _: k != 'head', v) for k, v in params.items()}
+  return {k: jax.tree.map(lambda _, keep=k != 'head': keep, v)
+          for k, v in params.items()}
+
+
+def output_axes(path, shape):
+  """FTP's output-unit axes of a ViT leaf: the example's rule where it exists.
+
+  Dense and Conv kernels: the last axis; attention query/key/value kernels
+  `(in, heads, head_dim)`: axes 1 and 2; their biases, 1-d leaves and the
+  class and position embeddings: one row.
+  """
+  module = _load_example()
+  if module is not None and hasattr(module, 'vit_output_axes'):
+    return module.vit_output_axes(path, shape)
+  name = path[-1]
+  if len(path) >= 2 and path[-2] in ('query', 'key', 'value'):
+    return (1, 2) if name == 'kernel' and len(shape) == 3 else ()
+  if name in ('cls', 'pos_embedding') or len(shape) <= 1:
+    return ()
+  return (len(shape) - 1,)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,10 @@ import optax
 
 MaskedNode = optax.MaskedNode
 
+# `reduce_sums` sums a leaf of at least this many elements in rows of this many.
+_SPLIT_SUM_SIZE = 1 << 16
+_SUM_ROW = 64
+
 # A per-leaf option: one value for every leaf, a pytree of values (the params'
 # structure or a prefix of it), or a callable `fn(path, shape) -> value`.
 PerLeafOption = Union[Any, Callable[[tuple[str, ...], tuple[int, ...]], Any]]
@@ -205,13 +209,22 @@ def reduce_sums(terms: Sequence[jax.Array], kept_axes: tuple[int, ...],
   One variadic reduction, so the inputs are read in a single pass (XLA on CPU
   does not fuse sibling reductions), then summed across `axis_name` when the
   leaf is split over a `shard_map` axis. The result keeps `kept_axes` only.
+  A large leaf whose kept axes lead is summed in rows of `_SUM_ROW` elements
+  first: XLA:CPU splits that pass across its threads, where a reduction that
+  keeps nothing runs on one.
   """
   ndim = terms[0].ndim
   reduced = tuple(axis for axis in range(ndim) if axis not in kept_axes)
   zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-  sums = jax.lax.reduce(
-      tuple(terms), zeros,
-      lambda x, y: tuple(a + b for a, b in zip(x, y)), reduced)
+  add = lambda x, y: tuple(a + b for a, b in zip(x, y))
+  kept_shape = terms[0].shape[:len(kept_axes)]
+  summed = math.prod(terms[0].shape[axis] for axis in reduced)
+  if (kept_axes == tuple(range(len(kept_axes))) and summed >= _SPLIT_SUM_SIZE
+      and summed % _SUM_ROW == 0):
+    rows = tuple(t.reshape(kept_shape + (-1, _SUM_ROW)) for t in terms)
+    terms = jax.lax.reduce(rows, zeros, add, (len(kept_axes) + 1,))
+    reduced = (len(kept_axes),)
+  sums = jax.lax.reduce(tuple(terms), zeros, add, reduced)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return tuple(sums)

@@ -1,4 +1,4 @@
-"""Placing and restoring optimizer state: shardings like the params', checkpoints."""
+"""Optimizer state at scale: sharded like the params, restored from orbax."""
 
 import itertools
 from typing import Any, Optional
@@ -23,21 +23,21 @@ def _shape(x) -> tuple[int, ...]:
 
 
 def _spec_entries(sharding, ndim: int):
-  """The per-axis entries of a NamedSharding or PartitionSpec, padded to ndim."""
+  """The per-axis entries of a NamedSharding or PartitionSpec (ndim of them)."""
   spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
   entries = tuple(spec) + (None,) * (ndim - len(spec))
   return entries[:ndim]
 
 
 def _reduced_spec(stat_shape, param_shape, param_entries):
-  """The spec of a statistic that keeps some axes of a param (or None: replicate).
+  """The spec of a statistic that keeps some of a param's axes, or None.
 
   A statistic of a leaf (SPD's per-layer `ratio`, FTP's per-row norms) keeps
   some of the param's axes, in order, and drops or squeezes the others to
   size 1. Each of its axes takes the param axis it is matched to: its spec
-  entry if the sizes agree, no sharding if it was squeezed to 1. When shapes
-  alone leave the matching ambiguous with different answers, it is
-  replicated.
+  entry if the sizes agree, no sharding if it was squeezed to 1. None
+  (replicate) when shapes alone leave the matching ambiguous with different
+  answers, as for the `(8,)` statistic of an `(8, 8, 8)` leaf.
   """
   candidates = set()
   for axes in itertools.combinations(range(len(param_shape)), len(stat_shape)):

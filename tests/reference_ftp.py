@@ -227,12 +227,13 @@ def mlp_problem(seed: int = 0, n: int = 64, d_in: int = 6, hidden: int = 8,
              for name, p in pretrained.items()}
   teacher['head_w'] = rng.normal(size=(classes, hidden))
   x = rng.normal(size=(n, d_in))
-  teacher_logits = mlp_loss_logits(teacher, x)
+  teacher_logits = mlp_logits(teacher, x)
   labels = np.argmax(teacher_logits, axis=1)
   return pretrained, x, labels
 
 
-def mlp_loss_logits(params: Params, x: np.ndarray) -> np.ndarray:
+def mlp_logits(params: Params, x: np.ndarray) -> np.ndarray:
+  """The two-layer network's logits."""
   hidden0 = np.tanh(x @ params['w0'].T + params['b0'])
   hidden1 = np.tanh(hidden0 @ params['w1'].T + params['b1'])
   return hidden1 @ params['head_w'].T + params['head_b']

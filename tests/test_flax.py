@@ -26,9 +26,7 @@ def _adam_ftp():
   return spd.adam_ftp(learning_rate=1e-2)
 
 
-METHODS = {'spd': _adam_spd}
-if hasattr(spd, 'adam_ftp'):
-  METHODS['ftp'] = _adam_ftp
+METHODS = {'spd': _adam_spd, 'ftp': _adam_ftp}
 METHOD_CASES = tuple((name, name) for name in METHODS)
 
 
@@ -111,5 +109,5 @@ class FlaxTest(parameterized.TestCase):
     # The optimizer state went through TrainState's jit boundary intact.
     self.assertIsInstance(
         state.opt_state, (spd.SelectiveProjectionDecayState,
-                          getattr(spd, 'FastTrainableProjectionState', ())))
+                          spd.FastTrainableProjectionState))
     np.testing.assert_array_equal(state.opt_state.count, STEPS)
