@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 
 MaskedNode = optax.MaskedNode
 
@@ -94,8 +95,11 @@ def resolve_mask(mask, params):
 
 
 def _is_option_value(x) -> bool:
-  """Values a per-leaf option may take at a leaf: None, int, str, int tuple."""
-  if x is None or isinstance(x, (int, str, np.integer)):
+  """Values a per-leaf option may take at a leaf: None, int, str, int tuple.
+
+  Or a `PartitionSpec`, for `axis_name`.
+  """
+  if x is None or isinstance(x, (int, str, np.integer, PartitionSpec)):
     return True
   return isinstance(x, (tuple, list)) and all(
       isinstance(i, (int, np.integer)) for i in x)
@@ -192,6 +196,28 @@ def check_same_layout(tree, params, name: str) -> None:
           f'param has shape {np.shape(leaf)}.')
 
 
+def split_names(axis_name, ndim: int, axes: Sequence[int],
+                summed: bool) -> tuple[str, ...]:
+  """The `shard_map` mesh axes that split the given axes of a leaf.
+
+  `axis_name` is the leaf's option: None (not split), a mesh axis name (the
+  leaf is split along axes its statistics sum over: those are `summed`), or
+  the leaf's `PartitionSpec`, which says which mesh axes split which axes.
+  """
+  if axis_name is None:
+    return ()
+  if not isinstance(axis_name, PartitionSpec):
+    return (axis_name,) if summed else ()
+  entries = tuple(axis_name) + (None,) * (ndim - len(axis_name))
+  names = []
+  for axis in axes:
+    entry = entries[axis]
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+      continue
+    names.extend((entry,) if isinstance(entry, str) else entry)
+  return tuple(names)
+
+
 def stat_dtype(dtype) -> jnp.dtype:
   """The dtype statistics are kept in: float32, or float64 for float64."""
   return jnp.promote_types(dtype, jnp.float32)
@@ -225,7 +251,7 @@ def reduce_sums(terms: Sequence[jax.Array], kept_axes: tuple[int, ...],
     terms = jax.lax.reduce(rows, zeros, add, (len(kept_axes) + 1,))
     reduced = (len(kept_axes),)
   sums = jax.lax.reduce(tuple(terms), zeros, add, reduced)
-  if axis_name is not None:
+  if axis_name:
     sums = jax.lax.psum(sums, axis_name)
   return tuple(sums)
 

@@ -65,8 +65,10 @@ def selective_projection_decay(
     layer_axis: per leaf, the axis that stacks layers (`nn.scan`), so each
       slice is its own layer; None (default) for an ordinary leaf. One value,
       a pytree (or prefix), or a callable `(path, shape) -> axis`.
-    axis_name: per leaf, the `shard_map` axis the leaf is split over, so the
-      per-layer sums are global; None (default) outside `shard_map`.
+    axis_name: per leaf, inside `shard_map`: the mesh axis the leaf is split
+      over, or the leaf's `PartitionSpec` (the same tree of specs given to
+      `shard_map` works), so the per-layer sums are global; None (default)
+      outside `shard_map`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -131,9 +133,11 @@ def selective_projection_decay(
       if anchor is not None:
         deviation = deviation - anchor.astype(dtype)
       proposed = deviation + update.astype(dtype)
+      summed = tuple(axis for axis in range(param.ndim) if axis not in kept)
       progress, proposed_sq, deviation_sq = _common.reduce_sums(
           (grad.astype(dtype) * deviation, proposed * proposed,
-           deviation * deviation), kept, name)
+           deviation * deviation), kept,
+          _common.split_names(name, param.ndim, summed, summed=True))
       selected = progress > 0
       proposed_norm = jnp.sqrt(proposed_sq)
       ratio = jnp.clip(

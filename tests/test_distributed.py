@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -445,16 +444,23 @@ class ShardMapTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, 'replicat'):
       _shard_map_run(method, specs, no_names)
 
-  @pytest.mark.xfail(strict=True, reason=(
-      'FTP cannot yet split a leaf along its output units in shard_map: '
-      '`axis_name` psums the row norms (wrong when the rows themselves are '
-      'split), and without it the radius gradient `h` and `max(n)` are '
-      'per-shard. Needs a psum of `h` and a pmax of `max(n)` over that axis.'))
-  def test_ftp_with_output_units_split_matches_unsharded(self):
-    specs = dict(_SHARD_MAP_SPECS, split_rows=P())
-    axis_names = dict(_SHARD_MAP_AXIS_NAMES, split_rows=None,
-                      split_columns=None)
-    params, state = _shard_map_run('ftp', specs, axis_names, check_vma=False)
-    global_params, global_state = _unsharded_run('ftp')
-    chex.assert_trees_all_close(state.gamma, global_state.gamma, **TOLERANCE)
+  @parameterized.named_parameters(*METHOD_CASES)
+  def test_partition_specs_as_axis_name_match_unsharded_for_any_split(
+      self, method):
+    # Given the specs, FTP also handles split output units: the row norms stay
+    # per shard, `h` is psum'ed and `max(n)` pmax'ed across the devices.
+    params, state = _shard_map_run(method, _SHARD_MAP_SPECS, _SHARD_MAP_SPECS)
+    global_params, global_state = _unsharded_run(method)
     chex.assert_trees_all_close(params, global_params, **TOLERANCE)
+    chex.assert_trees_all_close(_stats(state), _stats(global_state),
+                                **TOLERANCE)
+
+  def test_ftp_name_alone_cannot_split_output_units(self):
+    # A bare name means "split along summed axes": with the columns (FTP's
+    # output units) split, the psum'ed row norms mix different rows.
+    specs = dict(_SHARD_MAP_SPECS, split_rows=P())
+    axis_names = dict(_SHARD_MAP_AXIS_NAMES, split_rows=None)
+    params, _ = _shard_map_run('ftp', specs, axis_names, check_vma=False)
+    global_params, _ = _unsharded_run('ftp')
+    self.assertFalse(np.allclose(params['split_columns'],
+                                 global_params['split_columns'], **TOLERANCE))
