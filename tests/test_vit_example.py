@@ -26,8 +26,8 @@ def write_tiny_checkpoint(path, image_size=16, num_classes=10, seed=0):
   return params
 
 
-def write_domains(root, domains=('real', 'sketch', 'paint'), classes=('cat', 'dog'),
-                  per_class=5, empty=()):
+def write_domains(root, domains=('real', 'sketch', 'paint'),
+                  classes=('cat', 'dog'), per_class=5, empty=()):
   """A DomainNet-style folder of small PNGs: root/<domain>/<class>/<i>.png."""
   rng = np.random.default_rng(0)
   for d, domain in enumerate(domains):
@@ -103,11 +103,13 @@ def test_helpers_mask_the_head_and_name_attention_output_axes():
   mask = models.backbone_mask(params)
   assert not any(jax.tree.leaves(mask['head']))
   assert all(jax.tree.leaves({k: v for k, v in mask.items() if k != 'head'}))
-  attention = ('Transformer', 'encoderblock_0', 'MultiHeadDotProductAttention_1')
-  assert models.vit_output_axes(attention + ('query', 'kernel'), (16, 2, 8)) == (1, 2)
-  assert models.vit_output_axes(attention + ('out', 'kernel'), (2, 8, 16)) == (2,)
-  assert models.vit_output_axes(attention + ('key', 'bias'), (2, 8)) == ()
-  assert models.vit_output_axes(('embedding', 'kernel'), (4, 4, 3, 16)) == (3,)
+  attention = ('Transformer', 'encoderblock_0',
+               'MultiHeadDotProductAttention_1')
+  axes = models.vit_output_axes
+  assert axes(attention + ('query', 'kernel'), (16, 2, 8)) == (1, 2)
+  assert axes(attention + ('out', 'kernel'), (2, 8, 16)) == (2,)
+  assert axes(attention + ('key', 'bias'), (2, 8)) == ()
+  assert axes(('embedding', 'kernel'), (4, 4, 3, 16)) == (3,)
 
 
 def test_default_study_writes_every_method_domain_and_plot(tmp_path, capsys):

@@ -13,7 +13,7 @@ class Config:
 
   # Model and data.
   model: str = 'small'
-  image_size: int = 16
+  image_size: int | None = None  # None: 16 for small/tiny, 224 for */16.
   checkpoint: str | None = None
   data: str | None = None
   train_domain: str | None = None  # None: "clean" (digits), else the first.

@@ -53,7 +53,7 @@ class Domains:
 
 
 def split_indices(n: int, fractions: Sequence[float], seed: int):
-  """A seeded permutation of `range(n)` cut by `fractions` (pretrain, finetune)."""
+  """A seeded permutation of `range(n)`, cut by the `fractions` of its parts."""
   order = np.random.default_rng(seed).permutation(n)
   cuts = np.cumsum([int(round(f * n)) for f in fractions])
   return np.split(order, cuts)
@@ -242,7 +242,8 @@ def folder_domains(data_dir: str, fractions=(0.0, 0.7),
   splits = {}
   for domain in domains:
     root = os.path.join(data_dir, domain)
-    classes = [c for c in _listdir(root) if os.path.isdir(os.path.join(root, c))]
+    classes = [c for c in _listdir(root)
+               if os.path.isdir(os.path.join(root, c))]
     if class_names is None:
       class_names = classes
     elif classes != class_names:
@@ -290,16 +291,19 @@ class DecodeBatch(grain.transforms.Map):
       images = render_digits(batch['pixels'], batch['domain'], self.image_size,
                              batch['seed'])
     else:
-      images = np.stack([self.load(path) for path in batch['path']])
+      images = np.stack([self.load(str(path)) for path in batch['path']])
     return {'image': images, 'label': batch['label'].astype(np.int32)}
 
   def load(self, path: str) -> np.ndarray:
-    with Image.open(path) as image:
-      image = image.convert('RGB')
-      if image.size != (self.image_size, self.image_size):
-        image = image.resize((self.image_size, self.image_size),
-                             Image.BILINEAR)
-      return np.asarray(image, np.uint8)
+    try:
+      with Image.open(path) as image:
+        image = image.convert('RGB')
+        if image.size != (self.image_size, self.image_size):
+          image = image.resize((self.image_size, self.image_size),
+                               Image.BILINEAR)
+        return np.asarray(image, np.uint8)
+    except OSError as error:
+      raise DataError(f'cannot read image {path}: {error}') from None
 
 
 def _new_rendering(record: Record, rng: np.random.Generator) -> Record:
@@ -312,8 +316,9 @@ def _read_options(records: Sequence[Record]) -> grain.ReadOptions:
   # Files are decoded in several reader threads (PIL releases the GIL while
   # decoding); digits need one, to render the next batch during a step.
   on_disk = bool(records) and 'path' in records[0]
-  return grain.ReadOptions(num_threads=4 if on_disk else 1,
-                           prefetch_buffer_size=2)
+  threads = 4 if on_disk else 1
+  return grain.ReadOptions(num_threads=threads,
+                           prefetch_buffer_size=max(2, threads))
 
 
 def train_batches(records: Sequence[Record], image_size: int, batch_size: int,
@@ -344,7 +349,7 @@ def train_batches(records: Sequence[Record], image_size: int, batch_size: int,
 
 def eval_batches(records: Sequence[Record], image_size: int,
                  batch_size: int) -> Iterator[dict[str, Any]]:
-  """One pass in order; the last batch padded, with `"valid"` marking real rows."""
+  """One pass in order; the last batch padded, `"valid"` marking real rows."""
   def pad(batch):
     n = len(batch['label'])
     batch = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:],

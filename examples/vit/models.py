@@ -126,7 +126,7 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    """Logits `(batch, num_classes)` for images `(batch, h, w, 3)` in [-1, 1]."""
+    """Logits `(batch, classes)` for images `(batch, h, w, 3)` in [-1, 1]."""
     c = self.config
     x = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size),
                 strides=(c.patch_size, c.patch_size), padding='VALID',
@@ -153,7 +153,7 @@ def init_params(model: VisionTransformer, image_size: int, seed: int = 0):
 
 
 def abstract_params(model: VisionTransformer, image_size: int):
-  """The parameters' shapes and dtypes (`jax.ShapeDtypeStruct`s), not computed."""
+  """The parameters' shapes and dtypes, as `jax.ShapeDtypeStruct`s."""
   return jax.eval_shape(lambda: _init(model, image_size, 0))
 
 
@@ -265,7 +265,8 @@ def load_npz(path: str, init) -> Any:
     with np.load(path, allow_pickle=False) as npz:
       checkpoint = {key: npz[key] for key in npz.files}
   except (OSError, ValueError) as error:
-    raise CheckpointError(f'{path} is not a readable .npz file: {error}') from None
+    raise CheckpointError(
+        f'{path} is not a readable .npz file: {error}') from None
   wanted = flatten(init)
   loaded = {}
   for key, like in wanted.items():
@@ -291,6 +292,6 @@ def load_npz(path: str, init) -> Any:
                   and not k.startswith(('head/', 'pre_logits/')))
   if unused:
     raise CheckpointError(
-        f'{path} has {len(unused)} keys the model lacks (first: {unused[0]!r}); '
-        'is --model right?')
+        f'{path} has {len(unused)} keys the model lacks (first: '
+        f'{unused[0]!r}); is --model right?')
   return unflatten(loaded)

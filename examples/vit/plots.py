@@ -28,7 +28,11 @@ _SHORT_NAMES = (
 
 
 def short_name(layer: str) -> str:
-  """`Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel` -> `block3 mlp.fc1.kernel`."""
+  """A leaf's name for the figures, e.g. `block3 mlp.fc1.kernel`.
+
+  `Transformer/encoderblock_3/MlpBlock_3/Dense_0/kernel` becomes
+  `block3 mlp.fc1.kernel`.
+  """
   for pattern, replacement in _SHORT_NAMES:
     layer = re.sub(pattern, replacement, layer)
   return layer
@@ -70,7 +74,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
   """ID vs mean OOD accuracy per method, and the accuracy on every domain."""
   runs = results['methods']
   train_domain = results['train_domain']
-  domains = [train_domain] + [d for d in results['domains'] if d != train_domain]
+  domains = [train_domain] + [d for d in results['domains']
+                              if d != train_domain]
   fig, (left, right) = plt.subplots(
       1, 2, figsize=(13, 4.8), gridspec_kw={'width_ratios': [1, 1.8]})
   for method, run in runs.items():
@@ -98,7 +103,8 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
   width = 0.8 / max(len(runs), 1)
   x = np.arange(len(domains) + 1)
   for i, (method, run) in enumerate(runs.items()):
-    values = [run['id_accuracy']] + [run['ood_accuracy'][d] for d in domains[1:]]
+    values = [run['id_accuracy']] + [run['ood_accuracy'][d]
+                                     for d in domains[1:]]
     values.append(run['ood_mean'] if run['ood_mean'] is not None else np.nan)
     right.bar(x - 0.4 + width * (i + 0.5), 100 * np.asarray(values), width,
               color=COLORS.get(method), label=run['name'])
@@ -127,7 +133,8 @@ def plot_deviation(results: dict[str, Any], path: str) -> None:
   """
   runs = results['methods']
   groups = sorted({layer_group(layer)
-                   for run in runs.values() for layer in run['history']['deviation']
+                   for run in runs.values()
+                   for layer in run['history']['deviation']
                    if not layer.startswith('head')}, key=_block_order)
   cmap = plt.get_cmap('viridis')
   colors = {g: cmap(i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
@@ -184,7 +191,8 @@ def _heatmap(layers: dict[str, list[float]], steps, title: str, label: str,
 def plot_spd_selection(run: dict[str, Any], path: str) -> None:
   """Which leaves SPD selected for decay, over training (rate per window)."""
   history = run['history']
-  window = history['step'][1] - history['step'][0] if len(history['step']) > 1 else 1
+  steps = history['step']
+  window = steps[1] - steps[0] if len(steps) > 1 else 1
   rate = np.mean([np.mean(v) for v in history['selected'].values()])
   _heatmap(history['selected'], history['step'],
            f'{run["name"]} (λ = {run["weight_decay"]:g}): layers selected for '
@@ -197,7 +205,9 @@ def plot_ftp_gamma(run: dict[str, Any], path: str) -> None:
   """FTP's projection radius gamma of every leaf, over training (log scale)."""
   history = run['history']
   _heatmap(history['gamma'], history['step'],
-           f'{run["name"]}: projection radius γ per layer',
+           f'{run["name"]}: projection radius γ per layer\n'
+           '(dark: γ at its floor 1e-8, the layer held at its pre-trained '
+           'weights)',
            'log10 γ', path, log=True)
 
 
