@@ -124,16 +124,24 @@ class TorchRunner:
 
 
 def plan_groups(runners, budget, grads_bytes):
-  """Groups of runners that fit in `budget` bytes, each with the baseline."""
+  """Groups of runners that fit in `budget` bytes, each with the baseline.
+
+  A runner that does not fit beside the baseline runs alone (its ratio is
+  then to the baseline timed alone just before it); one that does not fit
+  even alone is skipped.
+  """
   baseline, others = runners[0], runners[1:]
-  fixed = grads_bytes + 2 * baseline.resident_bytes()  # + params0
-  groups, current, used, skipped = [], [], fixed, []
+  fixed = 2 * grads_bytes + baseline.resident_bytes()  # + the initial params
+  groups, current, used, alone, skipped = [], [], fixed, [], []
   for runner in others:
     need = runner.resident_bytes()
     peak = max([runner.temp_bytes, baseline.temp_bytes] +
                [r.temp_bytes for r in current])
     if fixed + need + peak > budget:
-      skipped.append(runner)
+      if 2 * grads_bytes + need + runner.temp_bytes > budget:
+        skipped.append(runner)
+      else:
+        alone.append(runner)
       continue
     if used + need + peak > budget:
       groups.append(current)
@@ -142,7 +150,10 @@ def plan_groups(runners, budget, grads_bytes):
     used += need
   if current or not groups:
     groups.append(current)
-  return [[baseline] + g for g in groups], skipped
+  groups = [[baseline] + g for g in groups]
+  for runner in alone:
+    groups += [[baseline], [runner]]
+  return groups, skipped
 
 
 def run_size(model, dtype, methods, args, torch):
@@ -160,13 +171,17 @@ def run_size(model, dtype, methods, args, torch):
   budget = int(args.memory_fraction * _harness.available_memory_bytes())
   groups, skipped = plan_groups(runners, budget, param_bytes)
   notes = [f'{_name(r)}: skipped, needs more than {budget / 2**30:.1f} GiB '
-           'with optax.adamw beside it' for r in skipped]
+           'even alone' for r in skipped]
+  notes += [f'{_name(g[0])}: timed alone (does not fit in {budget / 2**30:.1f} '
+            'GiB beside optax.adamw); its ratio is to optax.adamw timed alone '
+            'just before' for g in groups if _name(g[0]) != _harness.BASELINE]
   for note in notes:
     print('# ' + note)
   repeats = args.repeats or (10 if num_params > 1e8 else 20)
   rows = []
   params0 = _random_tree(params_abstract, 0, 0.02)
   grads = _random_tree(grads_abstract, 1, 0.01)
+  base = None
   for index, group in enumerate(groups):
     for runner in group:
       runner.start(params0, grads)
@@ -175,25 +190,29 @@ def run_size(model, dtype, methods, args, torch):
     for runner in group:
       runner.stop()
     gc.collect()
-    base = times[_harness.BASELINE]
+    if _harness.BASELINE in times:
+      base = times[_harness.BASELINE]
     base_median = np.median(base)
     for runner in group:
       name = _name(runner)
-      if index > 0 and name == _harness.BASELINE:
+      if any(r['method'] == name for r in rows):
         continue
       t = times[name]
-      paired = np.median(np.asarray(t) / np.asarray(base))
+      paired = (np.median(np.asarray(t) / np.asarray(base))
+                if len(group) > 1 else np.median(t) / base_median)
       rows.append(dict(
           model=model, dtype=jnp.dtype(dtype).name, method=name,
           params=num_params, group=index, **_harness.summary(t),
           ratio=float(np.median(t) / base_median), paired_ratio=float(paired),
           state_x=runner.state_bytes / param_bytes,
-          temp_mib=runner.temp_bytes / 2**20))
+          temp_mib=runner.temp_bytes / 2**20,
+          timed_alone=len(group) == 1 and name != _harness.BASELINE))
   del params0, grads
   gc.collect()
   header = ['method', 'median ms', 'p10-p90 ms', 'x adamw', 'state / params']
-  table = [[r['method'], r['median_ms'],
-            f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}", f"{r['ratio']:.2f}",
+  table = [[r['method'] + (' (alone)' if r['timed_alone'] else ''),
+            r['median_ms'], f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
+            f"{r['ratio']:.2f}",
             f"{r['state_x']:.2f}"] for r in rows]
   print(_harness.markdown_table(header, table), flush=True)
   return rows, notes
@@ -274,7 +293,7 @@ def parse_args(argv):
   parser.add_argument('--min-seconds', type=float, default=0.0,
                       help='keep timing rounds until this many seconds')
   parser.add_argument('--no-torch', action='store_true')
-  parser.add_argument('--memory-fraction', type=float, default=0.6,
+  parser.add_argument('--memory-fraction', type=float, default=0.8,
                       help='share of the free memory a group may use')
   parser.add_argument('--quick', action='store_true',
                       help='sanity run: Ti/16 float32, 3 rounds')
