@@ -258,16 +258,17 @@ def plot(rows, fits, path):
                    key=lambda m: (m != _harness.BASELINE, m))
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for i, method in enumerate(methods):
-    for dtype, style in (('float32', '-'), ('bfloat16', '--')):
+    for dtype, style, marker in (('float32', '-', 'o'), ('bfloat16', '--', 's')):
       pts = sorted((r['params'], r['median_ms']) for r in rows
                    if r['method'] == method and r['dtype'] == dtype)
       if not pts:
         continue
       x = np.array([p for p, _ in pts]) / 1e6
       y = np.array([t for _, t in pts])
-      ax.plot(x, y, style, marker='o', color=colors[i % len(colors)],
+      ax.plot(x, y, style, marker=marker, color=colors[i % len(colors)],
               label=f'{method} ({dtype})')
-  ax.set_xlabel('parameters (millions): ViT-Ti/16, S/16, B/16, L/16')
+  ax.set_xlabel('parameters (millions): ViT-Ti/16, S/16, B/16, L/16 '
+                '(squares: bfloat16)')
   ax.set_ylabel('one step, median (ms)')
   ax.set_title('Optimizer step time vs parameter count')
   ax.grid(alpha=0.3)
