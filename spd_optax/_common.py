@@ -173,6 +173,11 @@ def init_anchor(anchor, params, mask_tree):
       mask_tree, anchor)
 
 
+def anchor_leaves(anchor, params):
+  """The stored anchor, or (PEFT mode) a None per leaf, to walk beside params."""
+  return jax.tree.map(lambda _: None, params) if anchor is None else anchor
+
+
 def check_same_layout(tree, params, name: str) -> None:
   """Raises, naming the first offending leaf path, if `tree` != params layout."""
   tree_leaves = jax.tree_util.tree_leaves_with_path(tree)

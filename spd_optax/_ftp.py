@@ -179,8 +179,7 @@ def fast_trainable_projection(
         updates, state.base_optimizer_state, params, **extra_args)
     mask_tree = _common.resolve_mask(mask, params)
     axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
-    anchors = (jax.tree.map(lambda _: None, params)
-               if state.anchor is None else state.anchor)
+    anchors = _common.anchor_leaves(state.anchor, params)
     first_step = state.count == 0
     rate = _common.scalar_or_schedule(mu, state.count)
 

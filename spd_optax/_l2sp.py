@@ -56,8 +56,7 @@ def l2_sp(
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
     mask_tree = _common.resolve_mask(mask, params)
-    anchors = (jax.tree.map(lambda _: None, params)
-               if state.anchor is None else state.anchor)
+    anchors = _common.anchor_leaves(state.anchor, params)
     decay = _common.scalar_or_schedule(weight_decay, state.count)
 
     def decay_leaf(update, param, anchor, keep):

@@ -121,8 +121,7 @@ def selective_projection_decay(
     mask_tree = _common.resolve_mask(mask, params)
     kept_axes = leaf_layers(params)
     axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
-    anchors = (jax.tree.map(lambda _: None, params)
-               if state.anchor is None else state.anchor)
+    anchors = _common.anchor_leaves(state.anchor, params)
     decay = _common.scalar_or_schedule(weight_decay, state.count)
 
     def project(param, grad, update, anchor, keep, kept, name):

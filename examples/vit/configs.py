@@ -44,3 +44,16 @@ class Config:
   results_dir: str = 'results/vit_digits'
   cache_dir: str | None = None  # None: `cache/` beside `results_dir`.
   quiet: bool = False
+
+  # Scale: the device mesh, mixed precision, checkpoints, LoRA, multi-host.
+  fsdp: bool = False  # params >= fsdp_min_size split over every device
+  mesh_fsdp: int | None = None  # the fsdp axis size (implies fsdp)
+  fsdp_min_size: int = 2**16
+  dtype: str = 'float32'  # activations; params and optimizer state: float32
+  workdir: str | None = None  # checkpoints to resume from
+  checkpoint_every: int = 100
+  stop_after: int | None = None  # stop as if killed once this step is saved
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_mlp: bool = False
+  distributed: bool = False

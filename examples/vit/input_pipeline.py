@@ -321,9 +321,34 @@ def _read_options(records: Sequence[Record]) -> grain.ReadOptions:
                            prefetch_buffer_size=max(2, threads))
 
 
+def host_rows(batch_size: int, process_index: int,
+              process_count: int) -> slice:
+  """The rows of a global batch that host `process_index` of `process_count`
+  reads: consecutive equal slices, in process order (as `jax.devices()` lists
+  the devices, and `jax.make_array_from_process_local_data` expects)."""
+  if batch_size % process_count:
+    raise DataError(f'the batch size {batch_size} is not a multiple of the '
+                    f'{process_count} processes.')
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process index {process_index} is not in '
+                    f'[0, {process_count}).')
+  rows = batch_size // process_count
+  return slice(process_index * rows, (process_index + 1) * rows)
+
+
+class _HostRows(grain.transforms.Map):
+  """Keeps this host's rows of a (not yet decoded) batch."""
+
+  def __init__(self, rows: slice):
+    self.rows = rows
+
+  def map(self, batch):
+    return {k: v[self.rows] for k, v in batch.items()}
+
+
 def train_batches(records: Sequence[Record], image_size: int, batch_size: int,
-                  seed: int, augment: bool = False
-                  ) -> Iterator[dict[str, Any]]:
+                  seed: int, augment: bool = False, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, Any]]:
   """Endless shuffled batches (a new order each epoch, the same for a seed).
 
   Args:
@@ -333,17 +358,25 @@ def train_batches(records: Sequence[Record], image_size: int, batch_size: int,
     seed: the seed of the order (and of the augmentation).
     augment: digits are rendered anew (new noise, colours, angles) each time
       they are read; other records are unchanged.
+    process_index: this host (`jax.process_index()`).
+    process_count: the hosts (`jax.process_count()`): each one decodes only
+      its `host_rows` of every global batch of `batch_size`; together they
+      read the single-host order.
 
   Returns:
-    An iterator of `{"image": uint8, "label": int32}` batches.
+    An iterator of `{"image": uint8, "label": int32}` batches (this host's
+    rows); it has grain's `get_state` and `set_state` (the data position).
   """
   dataset = (grain.MapDataset.source(list(records))
              .shuffle(seed=seed)
              .repeat())
   if augment:
     dataset = dataset.random_map(_new_rendering, seed=seed)
-  dataset = (dataset.batch(batch_size, drop_remainder=True)
-             .map(DecodeBatch(image_size)))
+  dataset = dataset.batch(batch_size, drop_remainder=True)
+  if process_count > 1:
+    dataset = dataset.map(
+        _HostRows(host_rows(batch_size, process_index, process_count)))
+  dataset = dataset.map(DecodeBatch(image_size))
   return iter(dataset.to_iter_dataset(_read_options(records)))
 
 

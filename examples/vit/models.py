@@ -57,13 +57,15 @@ class MlpBlock(nn.Module):
   """The transformer's feed-forward block: Dense, GELU, Dense."""
 
   mlp_dim: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     features = x.shape[-1]
     dense = lambda n, name: nn.Dense(
         n, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+        bias_init=nn.initializers.normal(stddev=1e-6), dtype=self.dtype,
+        name=name)
     x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
     return dense(features, 'Dense_1')(x)
 
@@ -73,17 +75,18 @@ class Encoder1DBlock(nn.Module):
 
   mlp_dim: int
   num_heads: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(name='LayerNorm_0')(x)
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_0')(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads,
-        kernel_init=nn.initializers.xavier_uniform(),
+        kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
         name='MultiHeadDotProductAttention_1')(y, y)
     x = x + y
-    y = nn.LayerNorm(name='LayerNorm_2')(x)
-    return x + MlpBlock(self.mlp_dim, name='MlpBlock_3')(y)
+    y = nn.LayerNorm(dtype=self.dtype, name='LayerNorm_2')(x)
+    return x + MlpBlock(self.mlp_dim, self.dtype, name='MlpBlock_3')(y)
 
 
 class AddPositionEmbs(nn.Module):
@@ -103,14 +106,17 @@ class Encoder(nn.Module):
   num_layers: int
   mlp_dim: int
   num_heads: int
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
     x = AddPositionEmbs(name='posembed_input')(x)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
     for i in range(self.num_layers):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads,
+      x = Encoder1DBlock(self.mlp_dim, self.num_heads, self.dtype,
                          name=f'encoderblock_{i}')(x)
-    return nn.LayerNorm(name='encoder_norm')(x)
+    return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
 
 
 class VisionTransformer(nn.Module):
@@ -119,10 +125,14 @@ class VisionTransformer(nn.Module):
   Attributes:
     num_classes: outputs of the `head` (zero-initialised, as in `vit_jax`).
     config: the architecture, e.g. `VIT_CONFIGS["B/16"]`.
+    dtype: the compute dtype of the activations (e.g. `jnp.bfloat16` for
+      mixed precision); the params stay float32. None: float32. The logits
+      are float32 either way.
   """
 
   num_classes: int
   config: ViTConfig
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, images):
@@ -130,14 +140,16 @@ class VisionTransformer(nn.Module):
     c = self.config
     x = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size),
                 strides=(c.patch_size, c.patch_size), padding='VALID',
-                name='embedding')(images)
+                dtype=self.dtype, name='embedding')(images)
     n, h, w, d = x.shape
     x = jnp.reshape(x, (n, h * w, d))
     cls = self.param('cls', nn.initializers.zeros, (1, 1, d))
-    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)), x], axis=1)
-    x = Encoder(c.num_layers, c.mlp_dim, c.num_heads, name='Transformer')(x)
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                    name='head')(x[:, 0])
+    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
+    x = Encoder(c.num_layers, c.mlp_dim, c.num_heads, self.dtype,
+                name='Transformer')(x)
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                      dtype=self.dtype, name='head')(x[:, 0])
+    return logits.astype(jnp.float32)
 
 
 def _init(model: VisionTransformer, image_size: int, seed: int):
