@@ -22,6 +22,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import optax
+from spd_optax import _common
 
 import _harness  # pylint: disable=g-bad-import-order
 import _vit_params
@@ -36,21 +37,11 @@ _BASES = {
 }
 
 
-def _keys(path):
-  out = []
-  for key in path:
-    for attr in ('name', 'key', 'idx'):
-      if hasattr(key, attr):
-        out.append(str(getattr(key, attr)))
-        break
-  return out
-
-
 def head_bytes_beyond_base(state) -> int:
   """Bytes of state leaves that belong to the head, outside the base's state."""
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    keys = _keys(path)
+    keys = list(_common.path_names(path))
     if 'head' in keys and not any(k in _BASE_FIELDS for k in keys):
       total += _harness.tree_bytes(leaf)
   return total

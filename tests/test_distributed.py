@@ -19,21 +19,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import spd_optax as spd
+from methods import METHOD_CASES
+from methods import METHODS
 
 STEPS = 20
 TOLERANCE = dict(rtol=2e-5, atol=2e-6)
-
-
-def _adam_spd(**options):
-  return spd.adam_spd(learning_rate=3e-2, weight_decay=1.0, **options)
-
-
-def _adam_ftp(**options):
-  return spd.adam_ftp(learning_rate=3e-2, **options)
-
-
-METHODS = {'spd': _adam_spd, 'ftp': _adam_ftp}
-METHOD_CASES = tuple((name, name) for name in METHODS)
 
 
 def _devices():

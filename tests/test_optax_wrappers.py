@@ -15,20 +15,10 @@ import numpy as np
 import optax
 
 import spd_optax as spd
+from methods import METHOD_CASES
+from methods import METHODS
 
 STEPS = 15
-
-
-def _adam_spd(learning_rate=3e-2, **options):
-  return spd.adam_spd(learning_rate=learning_rate, weight_decay=1.0, **options)
-
-
-def _adam_ftp(learning_rate=3e-2, **options):
-  return spd.adam_ftp(learning_rate=learning_rate, **options)
-
-
-METHODS = {'spd': _adam_spd, 'ftp': _adam_ftp}
-METHOD_CASES = tuple((name, name) for name in METHODS)
 
 
 def _normal(seed, shape, scale=1.0):

@@ -17,22 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import spd_optax as spd
+from methods import METHOD_CASES
+from methods import METHODS
 
 DEPTH, WIDTH, STEPS = 3, 8, 25
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-
-
-def _adam_spd(**options):
-  return spd.adam_spd(learning_rate=3e-2, weight_decay=1.0, **options)
-
-
-def _adam_ftp(**options):
-  return spd.adam_ftp(learning_rate=3e-2, **options)
-
-
-METHODS = {'spd': _adam_spd, 'ftp': _adam_ftp}
-METHOD_CASES = tuple((name, name) for name in METHODS)
 
 
 def _data():
