@@ -39,28 +39,72 @@ def require_base_optimizer(base_optimizer, name: str, example: str) -> None:
   )
 
 
-def check_non_negative(value, name: str) -> None:
-  """Validates a hyper-parameter where it is given as a plain number."""
-  if isinstance(value, (int, float)) and not value >= 0:
-    raise ValueError(f'`{name}` must be >= 0, got {value!r}.')
+def check_hyperparameter(value, name: str, *, low: Optional[float] = None,
+                         high: Optional[float] = None, low_open: bool = False,
+                         high_open: bool = False,
+                         schedule: bool = True) -> None:
+  """Validates a numeric hyper-parameter wherever its value is known.
 
+  Python and NumPy numbers and concrete 0-d arrays (what
+  `optax.inject_hyperparams` passes outside `jit`) must be real, finite and
+  within the bounds. A traced value cannot be checked and is left alone, as is
+  a schedule (a callable) where `schedule` allows one: its values exist only
+  step by step.
 
-def check_positive(value, name: str) -> None:
-  """Validates `value > 0` where it is given as a plain number."""
-  if isinstance(value, (int, float)) and not value > 0:
-    raise ValueError(f'`{name}` must be > 0, got {value!r}.')
-
-
-def check_in_range(value, name: str, low: float, high: float,
-                   low_open: bool = False) -> None:
-  """Validates `low <= value <= high` (or `low < value`) for plain numbers."""
-  if not isinstance(value, (int, float)):
+  Args:
+    value: the hyper-parameter as given.
+    name: the argument's name, for the message.
+    low: the lower bound, or None.
+    high: the upper bound, or None.
+    low_open: whether `low` itself is excluded.
+    high_open: whether `high` itself is excluded.
+    schedule: whether a callable (a schedule of the step count) is allowed.
+  """
+  if isinstance(value, jax.core.Tracer):
     return
-  above_low = value > low if low_open else value >= low
-  if not (above_low and value <= high):
-    bracket = '(' if low_open else '['
-    raise ValueError(
-        f'`{name}` must be in {bracket}{low}, {high}], got {value!r}.')
+  if callable(value) and schedule:
+    return
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return  # Another host holds part of it; each host checks its own inputs.
+  number = None
+  if not isinstance(value, (bool, np.bool_, str, bytes)) and not callable(value):
+    try:
+      array = np.asarray(value)
+    except (TypeError, ValueError):
+      array = None
+    if (array is not None and array.ndim == 0 and
+        (np.issubdtype(array.dtype, np.integer)
+         or np.issubdtype(array.dtype, np.floating))):
+      number = float(array)
+  if number is None:
+    kind = 'a real number or a schedule' if schedule else 'a real number'
+    raise TypeError(f'`{name}` must be {kind}, got {value!r}.')
+  above = low is None or (number > low if low_open else number >= low)
+  below = high is None or (number < high if high_open else number <= high)
+  if not (math.isfinite(number) and above and below):
+    if low is not None and high is not None:
+      bounds = (f'in {"(" if low_open else "["}{low:g}, {high:g}'
+                f'{")" if high_open else "]"}')
+    elif low is not None:
+      bounds = f'{">" if low_open else ">="} {low:g}'
+    else:
+      bounds = 'finite'
+    raise ValueError(f'`{name}` must be {bounds}, got {value!r}.')
+
+
+def check_learning_rate(value) -> None:
+  """A learning rate: finite and >= 0 where known, or a schedule."""
+  check_hyperparameter(value, 'learning_rate', low=0.0)
+
+
+def check_adam(b1, b2, eps, eps_root) -> None:
+  """Adam's own hyper-parameters, as `optax.adam` takes them."""
+  check_hyperparameter(b1, 'b1', low=0.0, high=1.0, high_open=True,
+                       schedule=False)
+  check_hyperparameter(b2, 'b2', low=0.0, high=1.0, high_open=True,
+                       schedule=False)
+  check_hyperparameter(eps, 'eps', low=0.0, schedule=False)
+  check_hyperparameter(eps_root, 'eps_root', low=0.0, schedule=False)
 
 
 def scalar_or_schedule(value, count):
@@ -156,6 +200,120 @@ def check_anchor(anchor) -> None:
         f'{anchor!r}.')
 
 
+def _is_empty(x) -> bool:
+  """A slot that holds no array: `optax.MaskedNode()` or None."""
+  return x is None or isinstance(x, MaskedNode)
+
+
+def _leaves_by_path(tree) -> dict[str, Any]:
+  """Every leaf of `tree`, None and `MaskedNode` slots too, by `keystr` path."""
+  return {jax.tree_util.keystr(path): leaf for path, leaf in
+          jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_empty)}
+
+
+def _dtype(x) -> np.dtype:
+  """The dtype JAX computes `x` in (a Python float is float32, as in optax)."""
+  dtype = x.dtype if hasattr(x, 'dtype') else jnp.asarray(x).dtype
+  return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def as_arrays(tree):
+  """`tree` with Python-scalar leaves as 0-d arrays, as `optax.adam` takes them."""
+  return jax.tree.map(
+      lambda x: x if hasattr(x, 'shape') and hasattr(x, 'dtype')
+      else jnp.asarray(x), tree)
+
+
+def check_params(params, mask_tree, name: str) -> None:
+  """Refuses, naming the leaf, a constrained param that is not real floating."""
+  keep = _leaves_by_path(mask_tree)
+  for path, param in _leaves_by_path(params).items():
+    if _is_empty(param) or not keep.get(path, False):
+      continue
+    dtype = _dtype(param)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      kind = ('complex' if jnp.issubdtype(dtype, jnp.complexfloating)
+              else 'not floating point')
+      raise TypeError(
+          f'{name}: the param at {path} has dtype {dtype} ({kind}); the rule '
+          'needs real floating-point params (an integer leaf would never move, '
+          'a complex one has no order to select or clip by). Leave it out '
+          'with `mask`.')
+
+
+def check_like_params(tree, params, name: str, what: str) -> None:
+  """Refuses, naming the leaf, a `tree` (gradients) not shaped like `params`."""
+  tree_leaves, params_leaves = _leaves_by_path(tree), _leaves_by_path(params)
+  for path, param in params_leaves.items():
+    if _is_empty(param):
+      continue
+    if path not in tree_leaves or _is_empty(tree_leaves[path]):
+      raise ValueError(
+          f'{name}: the {what} have no leaf at {path}, which the params have.')
+    if np.shape(tree_leaves[path]) != np.shape(param):
+      raise ValueError(
+          f'{name}: the {what} at {path} have shape '
+          f'{np.shape(tree_leaves[path])}, but the param has shape '
+          f'{np.shape(param)}.')
+  for path, leaf in tree_leaves.items():
+    if path not in params_leaves and not _is_empty(leaf):
+      raise ValueError(
+          f'{name}: the {what} have a leaf at {path}, which the params lack.')
+
+
+def checking_gradients(
+    inner: optax.GradientTransformation,
+    name: str) -> optax.GradientTransformationExtraArgs:
+  """`inner`, with its gradients checked against the params (same state)."""
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is not None:
+      check_like_params(as_arrays(updates), as_arrays(params), name,
+                        'gradients')
+    return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def check_anchor_tree(anchor, params, mask_tree) -> None:
+  """Refuses, naming the leaf, an anchor that cannot anchor these params.
+
+  Each constrained leaf needs an array of its param's shape and dtype (the
+  anchor is kept and compared in the param's dtype); a leaf left out by the
+  mask may be anything, or absent.
+  """
+  anchor_leaves, keep = _leaves_by_path(anchor), _leaves_by_path(mask_tree)
+  params_leaves = _leaves_by_path(params)
+  for path, param in params_leaves.items():
+    if _is_empty(param) or not keep.get(path, False):
+      continue
+    if path not in anchor_leaves:
+      raise ValueError(
+          f'`anchor` has no leaf at {path}, which the params have (and the '
+          'mask constrains).')
+    leaf = anchor_leaves[path]
+    if _is_empty(leaf):
+      raise ValueError(
+          f'`anchor` at {path} is {leaf!r}, but the param there is constrained '
+          'and needs an anchor array: give one, leave the leaf out with '
+          '`mask`, or use anchor="zero" (PEFT mode) for every leaf.')
+    if np.shape(leaf) != np.shape(param):
+      raise ValueError(
+          f'`anchor` at {path} has shape {np.shape(leaf)}, but the param has '
+          f'shape {np.shape(param)}.')
+    if _dtype(leaf) != _dtype(param):
+      raise ValueError(
+          f'`anchor` at {path} has dtype {_dtype(leaf)}, but the param has '
+          f'dtype {_dtype(param)}: the anchor is kept and compared in the '
+          'param\'s dtype, so cast it first, e.g. `jax.tree.map(lambda a, p: '
+          'a.astype(p.dtype), anchor, params)`.')
+  for path, leaf in anchor_leaves.items():
+    if path not in params_leaves and not _is_empty(leaf):
+      raise ValueError(
+          f'`anchor` has a leaf at {path}, which the params lack.')
+
+
 def init_anchor(anchor, params, mask_tree):
   """The anchor to keep in the state: a copy of `params`, None, or checked.
 
@@ -167,10 +325,23 @@ def init_anchor(anchor, params, mask_tree):
       return None
     anchor = params
   else:
-    check_same_layout(anchor, params, 'anchor')
+    check_anchor_tree(anchor, params, mask_tree)
+  anchor_leaves = _leaves_by_path(anchor)
+  paths = [jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_leaves_with_path(params)]
+  keep_leaves = jax.tree.leaves(mask_tree)
+  return jax.tree.structure(params).unflatten(
+      jnp.array(anchor_leaves[path], copy=True) if keep else MaskedNode()
+      for path, keep in zip(paths, keep_leaves))
+
+
+def anchor_layout(anchor, params, mask_tree):
+  """What `init_anchor` stores, as shapes and dtypes: for `check_state`."""
+  if isinstance(anchor, str) and anchor == 'zero':
+    return None
   return jax.tree.map(
-      lambda keep, a: jnp.array(a, copy=True) if keep else MaskedNode(),
-      mask_tree, anchor)
+      lambda p, keep: jax.ShapeDtypeStruct(np.shape(p), _dtype(p)) if keep
+      else MaskedNode(), params, mask_tree)
 
 
 def anchor_leaves(anchor, params):
@@ -178,27 +349,55 @@ def anchor_leaves(anchor, params):
   return jax.tree.map(lambda _: None, params) if anchor is None else anchor
 
 
-def check_same_layout(tree, params, name: str) -> None:
-  """Raises, naming the first offending leaf path, if `tree` != params layout."""
-  tree_leaves = jax.tree_util.tree_leaves_with_path(tree)
-  params_leaves = jax.tree_util.tree_leaves_with_path(params)
-  tree_paths = {jax.tree_util.keystr(p): x for p, x in tree_leaves}
-  params_paths = {jax.tree_util.keystr(p): x for p, x in params_leaves}
-  for path in params_paths:
-    if path not in tree_paths:
-      raise ValueError(f'`{name}` has no leaf at {path}, which the params have.')
-  for path in tree_paths:
-    if path not in params_paths:
-      raise ValueError(f'`{name}` has a leaf at {path}, which the params lack.')
-  if (jax.tree.structure(tree) != jax.tree.structure(params)):
-    raise ValueError(
-        f'`{name}` must have the params\' tree structure: '
-        f'{jax.tree.structure(tree)} != {jax.tree.structure(params)}.')
-  for path, leaf in params_paths.items():
-    if np.shape(tree_paths[path]) != np.shape(leaf):
+def _describe(x) -> str:
+  if _is_empty(x):
+    return repr(x)
+  return f'an array {_dtype(x)}{list(np.shape(x))}'
+
+
+def _layout_difference(got, want) -> Optional[str]:
+  """Where and how a state field differs from what `init` builds, or None."""
+  if want is None or got is None:
+    if (want is None) == (got is None):
+      return None
+    if want is None:
+      return ('holds arrays, where `init` builds None (anchor="zero": no '
+              'anchor is stored)')
+    return 'is None (as anchor="zero" stores), where `init` builds arrays'
+  got_leaves, want_leaves = _leaves_by_path(got), _leaves_by_path(want)
+  for path, expected in want_leaves.items():
+    if path not in got_leaves:
+      return f'has no leaf at {path}, where `init` builds {_describe(expected)}'
+    leaf = got_leaves[path]
+    if _is_empty(expected) or _is_empty(leaf):
+      if type(leaf) is not type(expected):
+        return (f'at {path} is {_describe(leaf)}, where `init` builds '
+                f'{_describe(expected)}')
+    elif (np.shape(leaf) != np.shape(expected)
+          or _dtype(leaf) != _dtype(expected)):
+      return (f'at {path} is {_describe(leaf)}, where `init` builds '
+              f'{_describe(expected)}')
+  for path, leaf in got_leaves.items():
+    if path not in want_leaves:
+      return f'has a leaf at {path}, which `init` does not build'
+  return None
+
+
+def check_state(name: str, state, expected: dict[str, Any]) -> None:
+  """Refuses a state whose fields differ from what `init` builds for params.
+
+  Shapes and dtypes only, read while tracing: nothing runs on the device.
+  `expected` maps field names to trees of `jax.ShapeDtypeStruct`,
+  `optax.MaskedNode()` and None, as `init` would build them.
+  """
+  for field, want in expected.items():
+    difference = _layout_difference(getattr(state, field), want)
+    if difference is not None:
       raise ValueError(
-          f'`{name}` at {path} has shape {np.shape(tree_paths[path])}, but the '
-          f'param has shape {np.shape(leaf)}.')
+          f'{name}: the state\'s `{field}` {difference} for these params. Was '
+          'it restored into another layout (a changed mask, anchor mode or '
+          'params) with plain orbax? Restore with `spd_optax.restore_state`, '
+          'which checks, or call `init` again.')
 
 
 def split_names(axis_name, ndim: int, axes: Sequence[int],

@@ -99,14 +99,19 @@ def fast_trainable_projection(
     k: in [0, 1], scales the radius's gradient `h` where it is positive (a
       positive `h` asks to shrink the radius).
     mu: > 0, the radius's learning rate; a float or a schedule of the step
-      count.
-    b1: the first-moment decay of the radius's Adam.
-    b2: the second-moment decay of the radius's Adam.
+      count. A given value of any numeric type is checked (finite, > 0); a
+      schedule's values are not: a negative value at a step would move the
+      radius against its gradient that step (growing it where the
+      constraint asks to shrink it), within the clip to `[1e-8, max(n)]`;
+      zero freezes it.
+    b1: the first-moment decay of the radius's Adam, in [0, 1).
+    b2: the second-moment decay of the radius's Adam, in [0, 1).
     anchor: "init" (the params given to `init`), "zero" (PEFT mode, e.g. LoRA
       adapters: project toward 0, nothing stored) or a params-shaped pytree.
     mask: as in `optax.add_decayed_weights`: a bool pytree (or prefix) or a
       callable on the params; False leaves (a new head) get the base update
-      unchanged and store nothing.
+      unchanged and store nothing. Constrained params must be real floating
+      point (a Python float is a float32 0-d leaf, as in `optax.adam`).
     output_axes: per leaf, the axes of the output units, each of which is a
       row with its own norm: the last axis by default (Flax's `(in, out)`
       and `(kh, kw, in, out)`; PyTorch's `(out, in)` layout would be 0),
@@ -133,9 +138,14 @@ def fast_trainable_projection(
   _common.require_base_optimizer(
       base_optimizer, 'fast_trainable_projection',
       'spd_optax.fast_trainable_projection(optax.adamw(lr), k=1.0)')
-  _common.check_in_range(k, 'k', 0.0, 1.0)
-  _common.check_positive(mu, 'mu')
+  _common.check_hyperparameter(k, 'k', low=0.0, high=1.0, schedule=False)
+  _common.check_hyperparameter(mu, 'mu', low=0.0, low_open=True)
+  _common.check_hyperparameter(b1, 'b1', low=0.0, high=1.0, high_open=True,
+                               schedule=False)
+  _common.check_hyperparameter(b2, 'b2', low=0.0, high=1.0, high_open=True,
+                               schedule=False)
   base = optax.with_extra_args_support(base_optimizer)
+  method = 'fast_trainable_projection'
 
   def leaf_axes(params):
     outputs = _common.resolve_per_leaf(output_axes, params, 'output_axes')
@@ -144,20 +154,35 @@ def fast_trainable_projection(
         lambda p, out, layer: _row_and_layer_axes(p.shape, out, layer),
         params, outputs, layers)
 
+  def leaf_layout(p, keep, axes):
+    """A leaf's gamma, gamma_m, gamma_v, c_prev and s_prev: shapes, dtypes."""
+    if not keep:
+      return (_common.MaskedNode(),) * 5
+    rows, layers = axes
+    dtype = _common.stat_dtype(p.dtype)
+    per_layer = jax.ShapeDtypeStruct(_common.kept_shape(p.shape, layers), dtype)
+    return (per_layer, per_layer, per_layer,
+            jax.ShapeDtypeStruct(p.shape, p.dtype),
+            jax.ShapeDtypeStruct(_common.kept_shape(p.shape, rows), dtype))
+
+  def stats_layout(params, mask_tree, axes_tree):
+    stats = jax.tree.map(leaf_layout, params, mask_tree, axes_tree)
+    return _common.unzip(stats, params, 5)
+
   def init_fn(params):
+    params = _common.as_arrays(params)
     mask_tree = _common.resolve_mask(mask, params)
+    _common.check_params(params, mask_tree, method)
 
     def empty_stats(p, keep, axes):
       if not keep:
         return (_common.MaskedNode(),) * 5
-      rows, layers = axes
-      dtype = _common.stat_dtype(p.dtype)
-      per_layer = _common.kept_shape(p.shape, layers)
-      return (jnp.full(per_layer, _GAMMA_MIN, dtype),
-              jnp.zeros(per_layer, dtype),
-              jnp.zeros(per_layer, dtype),
+      gamma, moment, _, _, s_prev = leaf_layout(p, keep, axes)
+      return (jnp.full(gamma.shape, _GAMMA_MIN, gamma.dtype),
+              jnp.zeros(moment.shape, moment.dtype),
+              jnp.zeros(moment.shape, moment.dtype),
               jnp.zeros_like(p),  # varying like p in shard_map: scans carry it
-              jnp.zeros(_common.kept_shape(p.shape, rows), dtype))
+              jnp.zeros(s_prev.shape, s_prev.dtype))
 
     stats = jax.tree.map(empty_stats, params, mask_tree, leaf_axes(params))
     gamma, gamma_m, gamma_v, c_prev, s_prev = _common.unzip(stats, params, 5)
@@ -175,9 +200,16 @@ def fast_trainable_projection(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
+    params, updates = _common.as_arrays(params), _common.as_arrays(updates)
+    _common.check_like_params(updates, params, method, 'gradients')
+    mask_tree = _common.resolve_mask(mask, params)
+    axes_tree = leaf_axes(params)
+    _common.check_state(method, state, dict(
+        anchor=_common.anchor_layout(anchor, params, mask_tree),
+        **dict(zip(('gamma', 'gamma_m', 'gamma_v', 'c_prev', 's_prev'),
+                   stats_layout(params, mask_tree, axes_tree)))))
     base_updates, base_state = base.update(
         updates, state.base_optimizer_state, params, **extra_args)
-    mask_tree = _common.resolve_mask(mask, params)
     axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
     anchors = _common.anchor_leaves(state.anchor, params)
     first_step = state.count == 0
@@ -245,7 +277,7 @@ def fast_trainable_projection(
     results = jax.tree.map(
         project, params, updates, base_updates, anchors, state.gamma,
         state.gamma_m, state.gamma_v, state.c_prev, state.s_prev, mask_tree,
-        leaf_axes(params), axis_names)
+        axes_tree, axis_names)
     new_updates, gamma, gamma_m, gamma_v, c_prev, s_prev = _common.unzip(
         results, params, 6)
     return new_updates, FastTrainableProjectionState(
@@ -270,8 +302,12 @@ def adam_ftp(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
     mu: optax.ScalarOrSchedule = 1e-2,
     mask: Any = None,
+    weight_decay_mask: Any = None,
     output_axes: _common.PerLeafOption = (-1,),
     layer_axis: _common.PerLeafOption = None,
     axis_name: _common.PerLeafOption = None,
@@ -280,14 +316,21 @@ def adam_ftp(
   """Adam with FTP ("AdamP"): `fast_trainable_projection` around `optax.adamw`.
 
   Args:
-    learning_rate: AdamW's learning rate, a float or a schedule.
-    weight_decay: AdamW's decoupled weight decay (toward 0, default none).
+    learning_rate: AdamW's learning rate >= 0, a float or a schedule.
+    weight_decay: AdamW's decoupled weight decay >= 0 (toward 0, default
+      none), a float or a schedule.
     k: FTP's scale of a positive radius gradient, in [0, 1].
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
-    mu: FTP's radius learning rate > 0, a float or a schedule.
-    mask: leaves to project; see `fast_trainable_projection`.
+    b1: Adam's first-moment decay, in [0, 1).
+    b2: Adam's second-moment decay, in [0, 1).
+    eps: Adam's epsilon >= 0, added to the root of the second moment.
+    eps_root: Adam's epsilon >= 0 added inside the root, as in `optax.adam`.
+    mu_dtype: the dtype of Adam's first moment, as in `optax.adam`.
+    nesterov: whether Adam's step is Nesterov's, as in `optax.adam`.
+    mu: FTP's radius learning rate > 0, a float or a schedule; see
+      `fast_trainable_projection`.
+    mask: FTP's mask, the leaves to project; see `fast_trainable_projection`.
+    weight_decay_mask: AdamW's own mask (`optax.adamw`'s `mask`), the leaves
+      its `weight_decay` applies to: None (default) for every leaf.
     output_axes: per leaf, the output-unit axes; see
       `fast_trainable_projection`.
     layer_axis: per leaf, the stacked-layer axis.
@@ -301,9 +344,13 @@ def adam_ftp(
     Tian, Liu, Smith, Kira, `Fast Trainable Projection for Robust Fine-Tuning
     <https://arxiv.org/abs/2310.19182>`_, NeurIPS 2023.
   """
+  _common.check_learning_rate(learning_rate)
+  _common.check_adam(b1, b2, eps, eps_root)
+  _common.check_hyperparameter(weight_decay, 'weight_decay', low=0.0)
   return fast_trainable_projection(
-      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                  weight_decay=weight_decay),
+      optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                  mu_dtype=mu_dtype, weight_decay=weight_decay,
+                  mask=weight_decay_mask, nesterov=nesterov),
       k=k, mu=mu, anchor=anchor, mask=mask, output_axes=output_axes,
       layer_axis=layer_axis, axis_name=axis_name)
 
@@ -328,10 +375,11 @@ def sgd_ftp(
   momentum buffer (`optax.add_decayed_weights` then `optax.sgd`).
 
   Args:
-    learning_rate: SGD's learning rate, a float or a schedule.
-    momentum: SGD's momentum; 0 (default) keeps no buffer.
+    learning_rate: SGD's learning rate >= 0, a float or a schedule.
+    momentum: SGD's momentum >= 0; 0 (default) keeps no buffer.
     nesterov: whether the momentum is Nesterov's.
-    weight_decay: SGD's coupled L2 weight decay (toward 0, default none).
+    weight_decay: SGD's coupled L2 weight decay >= 0 (toward 0, default
+      none), a float or a schedule.
     k: FTP's scale of a positive radius gradient, in [0, 1].
     mu: FTP's radius learning rate > 0, a float or a schedule.
     mask: leaves to project; see `fast_trainable_projection`.
@@ -348,6 +396,9 @@ def sgd_ftp(
     Tian, Liu, Smith, Kira, `Fast Trainable Projection for Robust Fine-Tuning
     <https://arxiv.org/abs/2310.19182>`_, NeurIPS 2023.
   """
+  _common.check_learning_rate(learning_rate)
+  _common.check_hyperparameter(momentum, 'momentum', low=0.0, schedule=False)
+  _common.check_hyperparameter(weight_decay, 'weight_decay', low=0.0)
   # A zero momentum given as a plain number needs no buffer (optax.sgd's None).
   no_momentum = isinstance(momentum, (int, float)) and momentum == 0
   return fast_trainable_projection(

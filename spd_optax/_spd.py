@@ -56,12 +56,17 @@ def selective_projection_decay(
     base_optimizer: the optimizer whose update SPD constrains, e.g.
       `optax.adam(lr)`. SPD needs both the raw gradient and this update, so it
       wraps the optimizer instead of sitting beside it in `optax.chain`.
-    weight_decay: lambda >= 0, a float or a schedule of the step count.
+    weight_decay: lambda >= 0, a float or a schedule of the step count. A
+      given value of any numeric type is checked (finite, >= 0); a schedule's
+      values are not: a negative value at a step would push the selected
+      layers away from the anchor that step (`u + |lambda| r (d + u)`), the
+      opposite of the decay.
     anchor: "init" (the params given to `init`), "zero" (PEFT mode, e.g. LoRA
       adapters: decay toward 0, nothing stored) or a params-shaped pytree.
     mask: as in `optax.add_decayed_weights`: a bool pytree (or prefix) or a
       callable on the params; False leaves get the base update unchanged and
-      store nothing.
+      store nothing. Constrained params must be real floating point (a
+      Python float is a float32 0-d leaf, as in `optax.adam`).
     layer_axis: per leaf, the axis that stacks layers (`nn.scan`), so each
       slice is its own layer; None (default) for an ordinary leaf. One value,
       a pytree (or prefix), or a callable `(path, shape) -> axis`.
@@ -82,9 +87,10 @@ def selective_projection_decay(
       'spd_optax.selective_projection_decay(optax.adam(lr), weight_decay=...)')
   if weight_decay is None:
     raise TypeError('selective_projection_decay needs `weight_decay`.')
-  _common.check_non_negative(weight_decay, 'weight_decay')
+  _common.check_hyperparameter(weight_decay, 'weight_decay', low=0.0)
   _common.check_anchor(anchor)
   base = optax.with_extra_args_support(base_optimizer)
+  method = 'selective_projection_decay'
 
   def leaf_layers(params):
     layer_axes = _common.resolve_per_leaf(layer_axis, params, 'layer_axis')
@@ -92,19 +98,26 @@ def selective_projection_decay(
         lambda p, axes: _common.normalize_axes(axes, p.ndim, 'layer_axis'),
         params, layer_axes)
 
-  def init_fn(params):
-    mask_tree = _common.resolve_mask(mask, params)
-    kept_axes = leaf_layers(params)
+  def stats_layout(params, mask_tree, kept_axes):
+    """The shapes and dtypes of `selected` and `ratio`, as `init` builds them."""
 
-    def empty_stats(p, keep, kept):
+    def leaf_stats(p, keep, kept):
       if not keep:
         return _common.MaskedNode(), _common.MaskedNode()
       shape = _common.kept_shape(p.shape, kept)
-      return (jnp.zeros(shape, bool),
-              jnp.zeros(shape, _common.stat_dtype(p.dtype)))
+      return (jax.ShapeDtypeStruct(shape, jnp.bool_),
+              jax.ShapeDtypeStruct(shape, _common.stat_dtype(p.dtype)))
 
-    stats = jax.tree.map(empty_stats, params, mask_tree, kept_axes)
-    selected, ratio = _common.unzip(stats, params, 2)
+    stats = jax.tree.map(leaf_stats, params, mask_tree, kept_axes)
+    return _common.unzip(stats, params, 2)
+
+  def init_fn(params):
+    params = _common.as_arrays(params)
+    mask_tree = _common.resolve_mask(mask, params)
+    _common.check_params(params, mask_tree, method)
+    selected, ratio = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        stats_layout(params, mask_tree, leaf_layers(params)))
     return SelectiveProjectionDecayState(
         count=jnp.zeros([], jnp.int32),
         base_optimizer_state=base.init(params),
@@ -116,10 +129,16 @@ def selective_projection_decay(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(optax_base.NO_PARAMS_MSG)
-    base_updates, base_state = base.update(
-        updates, state.base_optimizer_state, params, **extra_args)
+    params, updates = _common.as_arrays(params), _common.as_arrays(updates)
+    _common.check_like_params(updates, params, method, 'gradients')
     mask_tree = _common.resolve_mask(mask, params)
     kept_axes = leaf_layers(params)
+    selected, ratio = stats_layout(params, mask_tree, kept_axes)
+    _common.check_state(method, state, {
+        'anchor': _common.anchor_layout(anchor, params, mask_tree),
+        'selected': selected, 'ratio': ratio})
+    base_updates, base_state = base.update(
+        updates, state.base_optimizer_state, params, **extra_args)
     axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
     anchors = _common.anchor_leaves(state.anchor, params)
     decay = _common.scalar_or_schedule(weight_decay, state.count)
@@ -175,7 +194,10 @@ def adam_spd(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
+    nesterov: bool = False,
     anchor: Any = 'init',
     mask: Any = None,
     layer_axis: _common.PerLeafOption = None,
@@ -184,11 +206,15 @@ def adam_spd(
   """Adam-SPD: `selective_projection_decay` around `optax.adam`.
 
   Args:
-    learning_rate: Adam's learning rate, a float or a schedule.
-    weight_decay: SPD's lambda >= 0 (not scaled by the learning rate).
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: Adam's epsilon.
+    learning_rate: Adam's learning rate >= 0, a float or a schedule.
+    weight_decay: SPD's lambda >= 0 (not scaled by the learning rate), a
+      float or a schedule; see `selective_projection_decay`.
+    b1: Adam's first-moment decay, in [0, 1).
+    b2: Adam's second-moment decay, in [0, 1).
+    eps: Adam's epsilon >= 0, added to the root of the second moment.
+    eps_root: Adam's epsilon >= 0 added inside the root, as in `optax.adam`.
+    mu_dtype: the dtype of Adam's first moment, as in `optax.adam`.
+    nesterov: whether Adam's step is Nesterov's, as in `optax.adam`.
     anchor: "init", "zero" or a params-shaped pytree; see
       `selective_projection_decay`.
     mask: leaves to constrain; see `selective_projection_decay`.
@@ -202,7 +228,10 @@ def adam_spd(
     Tian, Huang, Kira, `Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
   """
+  _common.check_learning_rate(learning_rate)
+  _common.check_adam(b1, b2, eps, eps_root)
   return selective_projection_decay(
-      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                 mu_dtype=mu_dtype, nesterov=nesterov),
       weight_decay, anchor=anchor, mask=mask, layer_axis=layer_axis,
       axis_name=axis_name)
