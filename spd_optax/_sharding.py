@@ -174,8 +174,16 @@ def restore_state(manager, step: int, target: Any) -> Any:
 
   Returns:
     The restored state, with `target`'s structure and shardings.
+
+  Raises:
+    ValueError: in one line naming the step and the folder, when the
+      manager holds no such step, or the step's folder lacks the item's
+      folder or its metadata; with the leaves that differ, when the
+      checkpoint holds a state of another layout.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  _check_checkpoint_files(manager, step)
 
   def check(saved, cause=None):
     differences = _layout_differences(saved, target)
@@ -199,6 +207,42 @@ def restore_state(manager, step: int, target: Any) -> Any:
   if saved is not None:
     check(saved)
   return restored
+
+
+# What orbax writes for a manager of one item (`StandardSave`): the item's
+# folder inside the step's folder, and its tree's metadata inside that.
+_ITEM_FOLDER = 'default'
+_ITEM_METADATA = '_METADATA'
+
+
+def _step_folder(manager, step: int):
+  """The folder of a saved step, as the manager names it."""
+  try:
+    return manager._get_read_step_directory(step, manager.directory)  # pylint: disable=protected-access
+  except (AttributeError, TypeError, ValueError, FileNotFoundError):
+    return manager.directory / str(step)
+
+
+def _check_checkpoint_files(manager, step: int) -> None:
+  """Raises, in one line naming the step and folder, what orbax would muddle."""
+  steps = sorted(manager.all_steps())
+  if step not in steps:
+    raise ValueError(
+        f'restore_state: {manager.directory} holds no checkpoint of step '
+        f'{step} (its steps: {steps if steps else "none"}).')
+  folder = _step_folder(manager, step)
+  item = folder / _ITEM_FOLDER
+  if not item.exists():
+    raise ValueError(
+        f'restore_state: the checkpoint of step {step} in {folder} has no '
+        f'item folder {_ITEM_FOLDER!r} (was it saved with named items, '
+        '`ocp.args.Composite`, or is it incomplete?); restore_state reads a '
+        'step saved with `ocp.args.StandardSave(opt_state)`.')
+  if not (item / _ITEM_METADATA).exists():
+    raise ValueError(
+        f'restore_state: the checkpoint of step {step} in {folder} has no '
+        f'metadata file {_ITEM_FOLDER}/{_ITEM_METADATA}, so its tree cannot '
+        'be read (an incomplete or damaged checkpoint?).')
 
 
 def _saved_tree(manager, step):

@@ -203,3 +203,47 @@ class CheckpointTest(parameterized.TestCase):
     with ocp.CheckpointManager(directory) as manager:
       restored = manager.restore(0, args=ocp.args.StandardRestore(target))
     self.assertIsNone(restored.anchor['head']['kernel'])
+
+  def test_plain_orbax_restore_after_a_mask_change_is_refused_at_update(self):
+    # The newly constrained head comes back as None slots: SPD would pull it
+    # toward zero, FTP would fail deep inside. `update` names the leaf.
+    for saved, target_name in (('spd_masked_head', 'spd'),
+                               ('ftp_masked_head', 'ftp')):
+      directory = self._save(CONFIGS[saved]().init(_pretrained()))
+      opt, step = _config(target_name)
+      target = opt.init(_pretrained())
+      with ocp.CheckpointManager(directory) as manager:
+        restored = manager.restore(0, args=ocp.args.StandardRestore(target))
+      with self.assertRaisesRegex(
+          ValueError, r"`anchor` .*\['head'\]\['kernel'\] is None.*"
+          r"spd_optax.restore_state"):
+        step(_pretrained(), restored)
+
+  def _one_line_error(self, manager, step):
+    with self.assertRaises(ValueError) as raised:
+      spd.restore_state(manager, step, CONFIGS['spd']().init(_pretrained()))
+    message = str(raised.exception)
+    self.assertNotIn('\n', message)
+    self.assertIn(f'step {step}', message)
+    self.assertIn(str(manager.directory), message)
+    return message
+
+  def test_restoring_a_missing_step_says_which_steps_there_are(self):
+    directory = self._save(CONFIGS['spd']().init(_pretrained()), step=2)
+    with ocp.CheckpointManager(directory) as manager:
+      message = self._one_line_error(manager, 5)
+    self.assertIn('[2]', message)
+
+  def test_restoring_a_step_without_its_item_folder_says_so(self):
+    directory = self._save(CONFIGS['spd']().init(_pretrained()), step=3)
+    shutil.rmtree(directory / '3' / 'default')
+    with ocp.CheckpointManager(directory) as manager:
+      message = self._one_line_error(manager, 3)
+    self.assertIn("item folder 'default'", message)
+
+  def test_restoring_a_step_without_its_metadata_says_so(self):
+    directory = self._save(CONFIGS['spd']().init(_pretrained()), step=3)
+    (directory / '3' / 'default' / '_METADATA').unlink()
+    with ocp.CheckpointManager(directory) as manager:
+      message = self._one_line_error(manager, 3)
+    self.assertIn('_METADATA', message)

@@ -6,6 +6,7 @@
 """
 
 import functools
+import types
 
 from absl.testing import parameterized
 import chex
@@ -13,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax import contrib
+from optax.contrib import _common_test as optax_common_test
 
 import spd_optax as spd
 from methods import METHOD_CASES
@@ -235,3 +238,85 @@ class OptaxWrappersTest(parameterized.TestCase):
     norms = [optax.tree.norm(_grad(_pretrained(), x, y))
              for x, y in zip(*batches)]
     self.assertGreater(float(min(norms)), max_norm)
+
+
+# optax's bar for contributed optimizers, the installed optax's own checks
+# (optax/contrib/_common_test.py), run on ours: extra args, no recompile,
+# `tree_map_params`, convergence on its four targets, `inject_hyperparams`,
+# dtypes kept, `MultiSteps`, dtype-stable state, schedules. Hyper-parameters
+# are chosen per method as optax chooses them per optimizer; FTP's radius
+# needs the larger `mu` to leave the anchor as far as the targets lie.
+_OURS = types.SimpleNamespace(
+    adam_spd=spd.adam_spd, adam_ftp=spd.adam_ftp, sgd_ftp=spd.sgd_ftp,
+    adamw_l2sp=spd.adamw_l2sp,
+    selective_projection_decay=spd.selective_projection_decay,
+    fast_trainable_projection=spd.fast_trainable_projection)
+
+
+class _OursThenContrib:
+  """What `_common_test` looks optimizers up in: ours first, then optax's."""
+
+  def __getattr__(self, name):
+    return getattr(_OURS, name, None) or getattr(contrib, name)
+
+
+def _contrib_case(opt_name, opt_kwargs, wrapper_name=None,
+                  wrapper_kwargs=None):
+  label = wrapper_name or opt_name
+  return (label, dict(opt_name=opt_name, opt_kwargs=opt_kwargs,
+                      wrapper_name=wrapper_name, wrapper_kwargs=wrapper_kwargs))
+
+
+CONTRIB_CASES = (
+    _contrib_case('adam_spd', {'learning_rate': 1e-2, 'weight_decay': 0.5}),
+    _contrib_case('adam_ftp', {'learning_rate': 1e-2}),
+    _contrib_case('sgd_ftp', {'learning_rate': 1e-3, 'momentum': 0.9}),
+    _contrib_case('adamw_l2sp', {'learning_rate': 1e-2, 'weight_decay': 1e-4}),
+    _contrib_case('adam', {'learning_rate': 1e-2},
+                  'selective_projection_decay', {'weight_decay': 0.5}),
+    _contrib_case('adam', {'learning_rate': 1e-2},
+                  'fast_trainable_projection', {'k': 0.5}),
+)
+
+
+def _optax_check(name):
+  """The undecorated check `name` of optax's `ContribTest`."""
+  for method_name, method in vars(optax_common_test.ContribTest).items():
+    if method_name.rstrip('0123456789') == name:
+      return method.__wrapped__
+  raise AssertionError(f'optax has no common check {name}')
+
+
+class OptaxContribBarTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self._contrib = optax_common_test.contrib
+    optax_common_test.contrib = _OursThenContrib()
+    self.addCleanup(setattr, optax_common_test, 'contrib', self._contrib)
+    self._checks = optax_common_test.ContribTest(
+        'test_optimizers_accept_extra_args0')
+
+  def _run_check(self, name, case, **kwargs):
+    with self.subTest(name, **{k: str(v) for k, v in kwargs.items()}):
+      _optax_check(name)(self._checks, **case, **kwargs)
+
+  @parameterized.named_parameters(*CONTRIB_CASES)
+  def test_passes_optax_contrib_common_checks(self, case):
+    self._run_check('test_optimizers_accept_extra_args', case, wrap=True)
+    for target in (optax_common_test._setup_parabola,
+                   optax_common_test._setup_rosenbrock,
+                   optax_common_test._setup_matrix_parabola,
+                   optax_common_test._setup_mixed_tensor_target):
+      self._run_check('test_optimizers', case, target=target, dtype='float32')
+    self._run_check('test_optimizers_can_be_wrapped_in_inject_hyperparams',
+                    case)
+    for dtype in ('bfloat16', 'float32'):
+      self._run_check('test_preserve_dtype', case, dtype=dtype)
+      self._run_check('test_gradient_accumulation', case, dtype=dtype)
+    for dtype in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+      self._run_check('test_state_shape_dtype_shard_stability', case,
+                      dtype=dtype)
+    self._run_check(
+        'test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_'
+        'such', case)
