@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 
 from examples.vit import configs
+from examples.vit import devices
 from examples.vit import input_pipeline
 from examples.vit import models
+from examples.vit import study
 from examples.vit import train
+from examples.vit import train_loop
+from examples.vit import train_step
 from tests.test_vit_example import FAST
 from tests.test_vit_example import run_error
 from tests.test_vit_example import write_domains
@@ -40,20 +44,20 @@ def tiny_config(**kwargs):
 
 def run(setup, method, config, mesh):
   model, params, records = setup
-  state = train.make_state(method, model, params, config)
+  state = study.make_state(method, model, params, config)
   batches = input_pipeline.train_batches(records, 16, config.batch_size, 1)
-  return train.train(state, batches, config.steps, config, method, mesh)
+  return train_loop.train(state, batches, config.steps, config, method, mesh)
 
 
 def test_mesh_shapes():
-  assert dict(train.make_mesh(tiny_config()).shape) == {'data': 8, 'fsdp': 1}
-  assert dict(train.make_mesh(tiny_config(fsdp=True)).shape) == {
+  assert dict(devices.make_mesh(tiny_config()).shape) == {'data': 8, 'fsdp': 1}
+  assert dict(devices.make_mesh(tiny_config(fsdp=True)).shape) == {
       'data': 1, 'fsdp': 8}
   # As many devices as divide the batch size.
-  assert dict(train.make_mesh(tiny_config(batch_size=4)).shape) == {
+  assert dict(devices.make_mesh(tiny_config(batch_size=4)).shape) == {
       'data': 4, 'fsdp': 1}
-  with pytest.raises(train.UsageError, match='--mesh-fsdp 3'):
-    train.make_mesh(tiny_config(mesh_fsdp=3))
+  with pytest.raises(configs.UsageError, match='--mesh-fsdp 3'):
+    devices.make_mesh(tiny_config(mesh_fsdp=3))
 
 
 @pytest.mark.parametrize('method', ['spd', 'ftp'])
@@ -62,7 +66,7 @@ def test_sharded_run_matches_single_device(setup, method):
   config = tiny_config(mesh_fsdp=4, steps=3)
   one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
                           ('data', 'fsdp'))
-  mesh = train.make_mesh(config)
+  mesh = devices.make_mesh(config)
   assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
   state_1, history_1 = run(setup, method, config, one)
   state_8, history_8 = run(setup, method, config, mesh)
@@ -91,8 +95,9 @@ def test_sharded_run_matches_single_device(setup, method):
   for leaf in jax.tree.leaves(state_8.params):
     if leaf.size < 256:
       assert leaf.sharding.is_fully_replicated
-  # params, TrainState's anchor, Adam's mu and nu, the optimizer's anchor.
-  assert sharded >= 5 * len(big)
+  # params, Adam's mu and nu, the optimizer's anchor (the only copy of the
+  # pre-trained weights: TrainState's anchor holds only the head's).
+  assert sharded >= 4 * len(big)
 
 
 def test_lora_in_bfloat16_trains_only_adapters_and_head(setup):
@@ -101,7 +106,7 @@ def test_lora_in_bfloat16_trains_only_adapters_and_head(setup):
   bf16 = models.VisionTransformer(10, models.VIT_CONFIGS['tiny'],
                                   dtype=np.dtype('bfloat16'))
   state, history = run((bf16, params, records), 'spd', config,
-                       train.make_mesh(config))
+                       devices.make_mesh(config))
   assert np.isfinite(history['loss']).all()
   # bfloat16 activations; float32 params and optimizer state.
   for leaf in jax.tree.leaves((state.params, state.opt_state, state.frozen)):
@@ -116,13 +121,112 @@ def test_lora_in_bfloat16_trains_only_adapters_and_head(setup):
   assert all(np.abs(ab['b']).max() > 0 for ab in trained['lora'].values())
   assert np.abs(trained['head']['kernel']).max() > 0
   assert len(trained['lora']) == 4 * 2  # q, k, v, out in both blocks
+  # No copy of the backbone or the adapters for the drift: an adapter's
+  # logged deviation is its change of the kernel, ||scale * a @ b||.
+  assert devices.tree_bytes(state.anchor) == devices.tree_bytes(params['head'])
+  assert set(history['deviation']) == (
+      {f'lora/{name}' for name in trained['lora']}
+      | {'head/kernel', 'head/bias'})
+  for name, ab in trained['lora'].items():
+    change = state.lora_scale * (np.float64(ab['a']) @ np.float64(ab['b']))
+    np.testing.assert_allclose(history['deviation'][f'lora/{name}'][-1],
+                               np.linalg.norm(change), rtol=1e-5)
 
   # Adam's two moments of the adapters and head, and SPD's few scalars.
-  fresh = train.make_state('spd', model, params, config)
-  opt_bytes = train.tree_bytes(fresh.opt_state)
-  trainable = train.tree_bytes(fresh.params)
+  fresh = study.make_state('spd', model, params, config)
+  opt_bytes = devices.tree_bytes(fresh.opt_state)
+  trainable = devices.tree_bytes(fresh.params)
   assert 2 * trainable <= opt_bytes < 2 * trainable + 1024
-  assert opt_bytes < train.tree_bytes(params)
+  assert opt_bytes < devices.tree_bytes(params)
+
+
+def one_device_mesh():
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
+                           ('data', 'fsdp'))
+
+
+def test_train_step_donates_the_state_but_not_the_pretrained_params(setup):
+  model, params, records = setup
+  config = tiny_config()
+  mesh = one_device_mesh()
+  state = study.make_state('spd', model, params, config, mesh)
+  shardings = devices.state_shardings(state, mesh, config.fsdp_min_size)
+  data_sharding = devices.batch_sharding(mesh)
+  step_fn = train_step.make_train_step(shardings, data_sharding)
+  batch = devices.global_batch(
+      next(input_pipeline.train_batches(records, 16, 8, 1)), data_sharding)
+  # Params-shaped leaves (SPD's per-leaf scalars are not read, so XLA gets
+  # no buffer for them to reuse).
+  before = [leaf for leaf in jax.tree.leaves(state) if leaf.ndim]
+  compiled = step_fn.lower(state, batch).compile()
+  assert compiled.memory_analysis().alias_size_in_bytes >= devices.tree_bytes(
+      (state.params, state.opt_state))
+  compiled(state, batch)
+  # XLA wrote the new state over the old one...
+  assert all(leaf.is_deleted() for leaf in before)
+  # ...which was a copy: the pre-trained weights, kept by the caller (the
+  # study makes every method's state from them), are intact.
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('method', ['adamw', 'l2sp', 'spd', 'ftp'])
+def test_state_holds_the_pretrained_weights_once(setup, method):
+  model, params, _ = setup
+  state = study.make_state(method, model, params, tiny_config())
+  names = list(train_loop.layer_values(params))
+  kept = dict(zip(names, train_step.optimizer_anchor(state.opt_state,
+                                                     state.params)))
+  own = train_loop.layer_values(state.anchor)
+  if method == 'adamw':  # No anchor in the optimizer: one copy of its own.
+    assert set(own) == set(names)
+    assert all(a is None for a in kept.values())
+  else:  # The optimizer's anchor, and a copy of the unconstrained head only.
+    assert set(own) == {'head/kernel', 'head/bias'}
+    assert all((kept[n] is None) == n.startswith('head/') for n in names)
+  flat = train_loop.layer_values(params)
+  for name in names:
+    np.testing.assert_array_equal(own.get(name, kept[name]), flat[name])
+  # The logged drift is measured from that one copy.
+  moved = state.replace(params=jax.tree.map(lambda p: p + 0.5, state.params))
+  deviation = train_loop.layer_values(
+      jax.device_get(train_step.logged_metrics(moved)['deviation']))
+  for name in names:
+    np.testing.assert_allclose(deviation[name],
+                               0.5 * np.sqrt(np.size(flat[name])), rtol=1e-5)
+  # Every leaf is its own buffer (the donated step needs it), none the
+  # caller's.
+  pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state)]
+  assert len(set(pointers)) == len(pointers)
+  assert not set(pointers) & {x.unsafe_buffer_pointer()
+                              for x in jax.tree.leaves(params)}
+
+
+def test_drift_logged_on_logged_steps_is_the_every_step_drift(setup):
+  """The drift, now measured only on logged steps, is what the old step (not
+  donated, `||p - anchor||` every step) gave at those steps."""
+  model, params, records = setup
+  method = 'spd'
+  config = tiny_config(steps=5, log_every=2)
+  _, history = run(setup, method, config, one_device_mesh())
+  assert history['step'] == [2, 4, 5]
+
+  state = study.make_state(method, model, params, config)
+  undonated = jax.jit(train_step.train_step)
+  batches = input_pipeline.train_batches(records, 16, config.batch_size, 1)
+  pretrained = jax.device_get(params)
+  expected = {}
+  for step in range(1, config.steps + 1):
+    state, _ = undonated(state, next(batches))
+    drift = jax.tree.map(
+        lambda p, a: np.linalg.norm(np.float64(p) - np.float64(a)),
+        jax.device_get(state.params), pretrained)
+    if step in history['step']:
+      for layer, value in train_loop.layer_values(drift).items():
+        expected.setdefault(layer, []).append(value)
+  assert set(history['deviation']) == set(expected)
+  for layer, values in expected.items():
+    np.testing.assert_allclose(history['deviation'][layer], values,
+                               rtol=1e-5, atol=1e-8, err_msg=layer)
 
 
 def test_study_with_lora_writes_metrics_jsonl(tmp_path):
@@ -213,7 +317,7 @@ def test_hosts_read_disjoint_slices_of_the_single_host_order(setup):
 def test_only_process_zero_writes(tmp_path, monkeypatch):
   data = write_domains(tmp_path / 'data')
   write_tiny_checkpoint(tmp_path / 'ckpt.npz', image_size=16)
-  monkeypatch.setattr(train, 'is_writer', lambda: False)
+  monkeypatch.setattr(devices, 'is_writer', lambda: False)
   out = tmp_path / 'out'
   results = train.main(FAST + [
       '--data', data, '--checkpoint', str(tmp_path / 'ckpt.npz'),

@@ -3,6 +3,14 @@
 import dataclasses
 
 METHODS = ('adamw', 'l2sp', 'spd', 'ftp')
+# The methods that run with `--lora-rank` (SPD in PEFT mode: anchor "zero").
+LORA_METHODS = ('adamw', 'spd')
+METHOD_NAMES = {'adamw': 'AdamW', 'l2sp': 'L2-SP', 'spd': 'Adam-SPD',
+                'ftp': 'Adam-FTP'}
+
+
+class UsageError(ValueError):
+  """Flags that cannot work together; the message says which."""
 
 
 @dataclasses.dataclass

@@ -1,0 +1,163 @@
+"""The training loop: steps, the logged history and metrics log, checkpoints."""
+
+import json
+import os
+import sys
+from typing import Any
+
+from etils import epath
+import jax
+from jax.sharding import Mesh
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from examples.vit import checkpointing
+from examples.vit import configs
+from examples.vit import devices
+from examples.vit import train_step as train_step_lib
+
+
+class Stopped(Exception):
+  """Raised by --stop-after once that step's checkpoint is written."""
+
+
+def layer_values(tree) -> dict[str, Any]:
+  """`{"embedding/kernel": value, ...}`; masked leaves are left out."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator='/'):
+              np.asarray(value).tolist()
+          for path, value in leaves}
+
+
+class MetricsLog:
+  """Appends `{"step", "loss", "accuracy", "lr", "deviation": {layer: ..},
+  "selection_rate": {layer: ..}, ...}` lines to `path` (process 0 only), and
+  writes scalars to TensorBoard when `tensorboardX` is importable."""
+
+  def __init__(self, path: str | None, start_step: int):
+    self.path = path if path and devices.is_writer() else None
+    self.tensorboard = None
+    if self.path is None:
+      return
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    kept = []
+    if start_step and os.path.exists(self.path):  # Resumed: drop later lines.
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)['step'] <= start_step]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+    try:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self.tensorboard = tensorboardX.SummaryWriter(
+          os.path.splitext(self.path)[0] + '_tensorboard')
+    except ImportError:
+      pass
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.path is None:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self.tensorboard is not None:
+      for name in ('loss', 'accuracy', 'lr'):
+        self.tensorboard.add_scalar(name, record[name], record['step'])
+      for name in ('deviation', 'selection_rate'):
+        for layer, value in record.get(name, {}).items():
+          self.tensorboard.add_scalar(f'{name}/{layer}', value, record['step'])
+      self.tensorboard.flush()
+
+
+def train(state: train_step_lib.TrainState, batches, steps: int,
+          config: configs.Config, desc: str, mesh: Mesh,
+          schedule: optax.Schedule | None = None, workdir: str | None = None,
+          fingerprint: dict[str, Any] | None = None,
+          metrics_path: str | None = None):
+  """Runs `steps` of `train_step`; returns the state and the logged history.
+
+  The step donates the state: `state` is consumed (its buffers are reused by
+  the steps), so it must share no buffer with arrays the caller keeps, as a
+  state made by `train_step.create_state` does not.
+
+  Every `config.log_every` steps the history gets the step, the mean loss
+  and accuracy of the window, each leaf's deviation and FTP radius at that
+  step, and SPD's per-leaf selection rate and mean ratio over the window;
+  the same goes to `metrics_path` (JSONL) with the learning rate. With
+  `workdir`, a checkpoint is saved every `config.checkpoint_every` steps and
+  at the end, and training resumes from the latest one there.
+  """
+  shardings = devices.state_shardings(state, mesh, config.fsdp_min_size)
+  data_sharding = devices.batch_sharding(mesh)
+  step_fn = train_step_lib.make_train_step(shardings, data_sharding)
+  state = jax.device_put(state, shardings)
+  history: dict[str, Any] = {'step': [], 'loss': [], 'accuracy': []}
+  manager = None
+  if workdir is not None:
+    manager, state, saved = checkpointing.open_workdir(
+        workdir, fingerprint or {}, state, batches, shardings, mesh)
+    history = saved or history
+  start = int(state.step)
+  log = MetricsLog(metrics_path, start)
+  window = []
+  bar = tqdm.tqdm(total=steps, initial=start, desc=desc, disable=config.quiet,
+                  leave=True, dynamic_ncols=True, file=sys.stderr)
+  for step in range(start + 1, steps + 1):
+    state, metrics = step_fn(
+        state, devices.global_batch(next(batches), data_sharding))
+    window.append(metrics)
+    if step % config.log_every == 0 or step == steps:
+      _log_window(history, jax.device_get(window),
+                  jax.device_get(train_step_lib.logged_metrics(state)), step,
+                  schedule, log)
+      bar.set_postfix(loss=f'{history["loss"][-1]:.3f}',
+                      acc=f'{history["accuracy"][-1]:.2f}')
+      bar.update(step - bar.n)
+      window = []
+    if manager is not None and (step % config.checkpoint_every == 0
+                                or step == steps):
+      # Orbax copies the arrays to the host before `save` returns, so the
+      # next step may donate them.
+      manager.save(step, args=ocp.args.StandardSave(
+          checkpointing.checkpoint_item(state, batches)), force=True)
+      if devices.is_writer():
+        (epath.Path(os.path.abspath(workdir)) / f'history_{step}.json'
+         ).write_text(json.dumps(history))
+    if config.stop_after is not None and step - start == config.stop_after:
+      if manager is not None:  # As if killed: later steps are not saved.
+        manager.wait_until_finished()
+        manager.close()
+      bar.close()
+      raise Stopped(step)
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  bar.close()
+  return state, history
+
+
+def _log_window(history, window, logged, step, schedule,
+                log: MetricsLog) -> None:
+  """Adds a logged step to `history` and `log`: the window's mean loss and
+  accuracy, SPD's mean selection and ratio, and `logged` (the step's
+  deviation, FTP's gamma) as they are."""
+  history['step'].append(step)
+  for name in ('loss', 'accuracy'):
+    history[name].append(float(np.mean([m[name] for m in window])))
+  averaged = {'deviation': logged['deviation']}
+  if 'gamma' in logged:
+    averaged['gamma'] = logged['gamma']
+  for name in ('selected', 'ratio'):
+    if name in window[-1]:
+      averaged[name] = jax.tree.map(
+          lambda *xs: np.mean(np.asarray(xs, np.float32)),
+          *[m[name] for m in window])
+  record = {'step': step, 'loss': history['loss'][-1],
+            'accuracy': history['accuracy'][-1],
+            'lr': float(schedule(step - 1)) if schedule is not None else None}
+  for name, tree in averaged.items():
+    values = layer_values(tree)
+    record['selection_rate' if name == 'selected' else name] = values
+    for layer, value in values.items():
+      history.setdefault(name, {}).setdefault(layer, []).append(value)
+  log.write(record)
