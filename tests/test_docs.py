@@ -2,8 +2,9 @@
 
 Every ```python block of docs/**/*.md (and of the files they `{include}`)
 runs: the blocks of one page in page order, in ONE namespace (as a reader
-would paste them), each page in a fresh one. Tracebacks point at the page's own line numbers. Code that must not run
-here (a download, a GPU, a shell) goes in a ```bash or ```text block.
+would paste them), each page in a fresh one. Tracebacks point at the page's
+own line numbers. Code that must not run here (a download, a GPU, a shell)
+goes in a ```bash or ```text block.
 
 The API reference check (docs/_ext/api_coverage.py) is tested here to fail on
 a public name without a page, as a function and inside a real Sphinx build.
@@ -48,6 +49,13 @@ PYTHON_BLOCK = re.compile(
     r'^(?P<indent>[ \t]*)```python[ \t]*\n(?P<code>.*?)^(?P=indent)```[ \t]*$',
     re.MULTILINE | re.DOTALL)
 
+# Fences that would show Python without running it here: ```py, ```python3,
+# ```ipython, ```{code-block} python, ```{code-cell} ...
+UNTESTED_PYTHON_FENCE = re.compile(
+    r'^[ \t]*(```|~~~)[ \t]*(py|python3|ipython3?|pycon|'
+    r'\{(code-block|code|sourcecode|code-cell)\}[ \t]*(py|python|ipython3?)?)'
+    r'[ \t]*$', re.MULTILINE)
+
 
 def _name(path: pathlib.Path) -> str:
   """A page's path from the repository root, e.g. docs/guide/scale.md."""
@@ -59,14 +67,6 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
   return [(text.count('\n', 0, match.start('code')) + 1,
            textwrap.dedent(match.group('code')))
           for match in PYTHON_BLOCK.finditer(text)]
-
-
-# Fences that would show Python without running it here: ```py, ```python3,
-# ```ipython, ```{code-block} python, ```{code-cell} ...
-UNTESTED_PYTHON_FENCE = re.compile(
-    r'^[ \t]*(```|~~~)[ \t]*(py|python3|ipython3?|pycon|'
-    r'\{(code-block|code|sourcecode|code-cell)\}[ \t]*(py|python|ipython3?)?)'
-    r'[ \t]*$', re.MULTILINE)
 
 
 def _pages_with_code() -> list[pathlib.Path]:
