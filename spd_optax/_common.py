@@ -89,7 +89,8 @@ def check_hyperparameter(value, name: str, *, low: Optional[float] = None,
       bounds = f'{">" if low_open else ">="} {low:g}'
     else:
       bounds = 'finite'
-    raise ValueError(f'`{name}` must be {bounds}, got {value!r}.')
+    finite = '' if math.isfinite(number) or bounds == 'finite' else 'finite and '
+    raise ValueError(f'`{name}` must be {finite}{bounds}, got {value!r}.')
 
 
 def check_learning_rate(value) -> None:
@@ -232,13 +233,13 @@ def check_params(params, mask_tree, name: str) -> None:
       continue
     dtype = _dtype(param)
     if not jnp.issubdtype(dtype, jnp.floating):
-      kind = ('complex' if jnp.issubdtype(dtype, jnp.complexfloating)
-              else 'not floating point')
+      why = ('complex params are not supported: the rule compares and clips '
+             'real inner products and norms' if
+             jnp.issubdtype(dtype, jnp.complexfloating) else
+             'its updates would be rounded to integers and it would never move')
       raise TypeError(
-          f'{name}: the param at {path} has dtype {dtype} ({kind}); the rule '
-          'needs real floating-point params (an integer leaf would never move, '
-          'a complex one has no order to select or clip by). Leave it out '
-          'with `mask`.')
+          f'{name}: the param at {path} has dtype {dtype}, and the rule needs '
+          f'real floating-point params ({why}). Leave it out with `mask`.')
 
 
 def check_like_params(tree, params, name: str, what: str) -> None:
@@ -391,6 +392,11 @@ def check_state(name: str, state, expected: dict[str, Any]) -> None:
   `optax.MaskedNode()` and None, as `init` would build them.
   """
   for field, want in expected.items():
+    if not hasattr(state, field):
+      raise ValueError(
+          f'{name}: the state has no `{field}`, so it is not a state of '
+          f'{name} ({type(state).__name__} was given); call `init` of this '
+          'transformation.')
     difference = _layout_difference(getattr(state, field), want)
     if difference is not None:
       raise ValueError(
