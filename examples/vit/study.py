@@ -286,9 +286,12 @@ def run_study(config: configs.Config) -> dict[str, Any]:
   else:
     params = models.load_npz(config.checkpoint,
                              models.abstract_params(model, config.image_size))
-  # One copy of the pre-trained weights, on the host: each method's state is
-  # made from it on the devices, and donated there.
-  params = jax.device_get(params)
+  # The pre-trained weights stay on the host (one host: all of them), and
+  # each method's state is made from them on the devices and donated there,
+  # so the devices hold one copy. With several hosts they stay global arrays
+  # (a host holds only its shards).
+  if jax.process_count() == 1:
+    params = jax.device_get(params)
 
   methods = (configs.METHODS if config.optimizer == 'all'
              else (config.optimizer,))
