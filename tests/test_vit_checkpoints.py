@@ -1,4 +1,4 @@
-"""Public ViT checkpoints (`examples/vit/checkpoints.py`) and the model's options.
+"""Public ViT checkpoints (`examples/vit/checkpoints.py`), the model's options.
 
 The files here are written key by key as vit_jax (`vit_jax/models_vit.py`,
 its published `.npz` names and today's Linen ones) and big_vision
@@ -8,6 +8,7 @@ from the owners' definitions, which reads the owners' key names directly and
 resizes position embeddings with its own corner-aligned interpolation.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -305,11 +306,16 @@ def with_random_head(params, seed=7):
   return dict(params, head=head), head
 
 
-def logits_of(loaded, params, size, scan=None):
-  model = models.VisionTransformer(
-      loaded.num_classes, loaded.config,
-      scan=loaded.scan if scan is None else scan)
-  return np.asarray(jax.jit(model.apply)({'params': params}, images(size)))
+@functools.lru_cache(maxsize=None)
+def _apply(num_classes, config, scan):
+  """One jitted forward per model, so that tests sharing it compile it once."""
+  return jax.jit(models.VisionTransformer(num_classes, config,
+                                          scan=scan).apply)
+
+
+def logits_of(loaded, params, size):
+  apply = _apply(loaded.num_classes, loaded.config, loaded.scan)
+  return np.asarray(apply({'params': params}, images(size)))
 
 
 REFERENCE = dict(rtol=2e-5, atol=2e-5)
@@ -428,7 +434,7 @@ class VitJaxTest(FileTest):
     loaded = checkpoints.load(path, image_size=24, num_classes=3)
     self.assertEqual(
         loaded.summary,
-        'vit_jax ViT (width 16, 2 heads, MLP 32)/4, tok pooling, 2 blocks, '
+        'vit_jax ViT/4 (width 16, 2 heads, MLP 32), tok pooling, 2 blocks, '
         'published names, 37 tokens (position embeddings resized 4x4 -> '
         '6x6); new 3-class head; dropped its 21843-output head, pre_logits')
 
@@ -528,9 +534,21 @@ class BigVisionTest(FileTest):
     self.assertEqual(loaded.checkpoint.prefix, 'params/img/')
     self.assertEqual(
         loaded.summary,
-        'big_vision SigLIP ViT (width 16, 2 heads, MLP 32)/4, map pooling, '
+        'big_vision SigLIP ViT/4 (width 16, 2 heads, MLP 32), map pooling, '
         '2 blocks, stacked, 16 tokens; new 345-class head; dropped its '
         '16-output head, params/b, params/t, params/txt')
+
+  def test_image_size_off_the_patch_grid_uses_the_whole_patches(self):
+    path, arrays = big_vision_file(self.path(), 'gap', 'learn', '')
+    loaded = checkpoints.load(path, image_size=18, num_classes=2)
+    chex.assert_shape(loaded.params['pos_embedding'], (1, 16, WIDTH))
+    self.assertIn('16 tokens (2 px of each side unused)', loaded.summary)
+    params, head = with_random_head(loaded.params)
+    x = images(18)
+    np.testing.assert_allclose(
+        _apply(2, loaded.config, False)({'params': params}, x),
+        np_forward(arrays, x[:, :16, :16], head, 'big_vision', 'gap'),
+        **REFERENCE)
 
   def test_bfloat16_saved_as_void_is_read_back(self):
     arrays = random_arrays(big_vision_shapes(grid=4, pool='gap'))
@@ -557,7 +575,7 @@ def write_headers_only(path, shapes):
 
 
 VARIANTS = (('Ti/16', 224), ('S/16', 224), ('B/16', 384), ('L/16', 256),
-            ('So400m/14', 224), ('So400m/16', 384), ('B/32', 256))
+            ('So400m/14', 384), ('So400m/16', 384), ('B/32', 256))
 
 
 class VariantsTest(FileTest):
@@ -583,7 +601,7 @@ class VariantsTest(FileTest):
     found = checkpoints.inspect(path)
 
     self.assertEqual(found.variant, name)
-    self.assertEqual(found.image_size, size)
+    self.assertEqual(found.image_size, grid * c.patch_size)
     self.assertEqual(found.stacked, layout == 'siglip')
     self.assertEqual(found.config.pool_type,
                      'tok' if layout == 'vit_jax' else 'map')
@@ -669,10 +687,21 @@ class RefusalTest(FileTest):
     arrays['embedding/kernel'] = np.zeros((PATCH * PATCH * 3, WIDTH))
     _refusal(self._write(arrays), 'not a convolution')
 
-  def test_image_size_off_the_patch_grid(self):
+  def test_resnet_hybrid(self):
+    arrays = random_arrays(vit_jax_shapes(grid=4))
+    arrays['conv_root/kernel'] = np.zeros((7, 7, 3, 8), np.float32)
+    _refusal(self._write(arrays), 'ResNet-ViT hybrid')
+
+  def test_no_position_embeddings_and_a_width_sincos_cannot_fill(self):
+    arrays = random_arrays(big_vision_shapes(grid=4, pool='gap',
+                                             posemb='sincos2d', width=18,
+                                             heads=2))
+    _refusal(self._write(arrays), 'has no position embeddings')
+
+  def test_image_size_below_one_patch(self):
     path = self._write(random_arrays(big_vision_shapes(grid=4)))
-    _refusal(path, 'multiple of the checkpoint\'s patch size 4',
-             image_size=18)
+    _refusal(path, 'smaller than the checkpoint\'s patch size 4',
+             image_size=3)
 
   def test_model_of_another_shape(self):
     path = self._write(random_arrays(vit_jax_shapes(grid=4)))
@@ -707,7 +736,8 @@ class RefusalTest(FileTest):
 
 # The model's options.
 
-CONFIG = models.ViTConfig(PATCH, WIDTH, DEPTH, HEADS, MLP, pool_type='map',
+# Gap pooling: the MAP head is not stacked, and without it steps compile faster.
+CONFIG = models.ViTConfig(PATCH, WIDTH, DEPTH, HEADS, MLP, pool_type='gap',
                           posemb='patches')
 
 
@@ -796,7 +826,9 @@ class ModelOptionsTest(parameterized.TestCase):
     assert axes(map_attention + ('query', 'kernel'), (16, 2, 8)) == (1, 2)
     assert axes(('MAPHead_0', 'probe'), (1, 1, 16)) == ()
     assert axes(('pos_embedding',), (1, 16, 16)) == ()
-    mask = models.backbone_mask(_pretrained())
+    mask = models.backbone_mask(models.abstract_params(
+        models.VisionTransformer(4, dataclasses.replace(
+            CONFIG, pool_type='map')), 16))
     assert all(jax.tree.leaves(mask['MAPHead_0']))
     assert not any(jax.tree.leaves(mask['head']))
 
@@ -806,13 +838,8 @@ class ModelOptionsTest(parameterized.TestCase):
 STEPS = 6
 
 
-# The MAP head is not stacked; without it the steps compile faster.
-TRAIN_CONFIG = models.ViTConfig(PATCH, WIDTH, DEPTH, HEADS, MLP,
-                                pool_type='gap', posemb='patches')
-
-
 def _trajectory(opt, scan, params):
-  model = models.VisionTransformer(4, TRAIN_CONFIG, scan=scan)
+  model = models.VisionTransformer(4, CONFIG, scan=scan)
   x = images(16, n=8, seed=11)
   labels = jnp.arange(8) % 4
 
@@ -856,7 +883,7 @@ def _without_key_biases(tree):
 
 @pytest.mark.parametrize('method', sorted(METHODS))
 def test_scanned_model_with_layer_axis_trains_like_the_unrolled_model(method):
-  pretrained = {k: v for k, v in _pretrained().items() if k != 'MAPHead_0'}
+  pretrained = _pretrained()
   unrolled, unrolled_state = _trajectory(METHODS[method](), False, pretrained)
   scanned, scanned_state = _trajectory(
       METHODS[method](layer_axis=models.vit_layer_axis), True,

@@ -110,7 +110,8 @@ class Checkpoint:
 
   @property
   def image_size(self) -> int | None:
-    """The resolution the checkpoint was trained at (None: not in the file)."""
+    """`grid * patch`: the checkpoint's resolution, to the patch (None: not
+    in the file). So400m/14 trained at 384 px gives 378, the same grid."""
     return None if self.grid is None else self.grid * self.config.patch_size
 
   @property
@@ -119,8 +120,8 @@ class Checkpoint:
     c = self.config
     name = _VARIANTS.get((c.hidden_size, c.num_layers, c.num_heads, c.mlp_dim))
     if name is None:
-      name = (f'ViT (width {c.hidden_size}, {c.num_heads} heads, MLP '
-              f'{c.mlp_dim})')
+      return (f'ViT/{c.patch_size} (width {c.hidden_size}, {c.num_heads} '
+              f'heads, MLP {c.mlp_dim})')
     return f'{name}/{c.patch_size}'
 
 
@@ -253,51 +254,39 @@ def _find_prefix(path, shapes) -> str:
   return prefixes[0]
 
 
-def inspect(path: str) -> Checkpoint:
-  """What `path` holds: its family, architecture and layout, from its shapes.
-
-  Reads only the arrays' headers, so it is cheap on any file.
-
-  Args:
-    path: a `.npz` checkpoint of the vit_jax, big_vision or SigLIP layout.
-
-  Returns:
-    A `Checkpoint`.
-
-  Raises:
-    CheckpointError: a file that is not one of these layouts, or not
-      consistent; the message names the real reason.
-  """
-  shapes = _read_shapes(path)
+def _tower(path, shapes):
+  """The vision model's keys (prefix stripped) and what else the file holds."""
   prefix = _find_prefix(path, shapes)
   local = {k[len(prefix):]: k for k in shapes if k.startswith(prefix)}
-  dropped = []
   # Beside an image tower (`params/img/`): the text tower, `t`, `b`.
   parent = prefix[:prefix.rstrip('/').rfind('/') + 1] if prefix else ''
   outside = sorted({parent + k[len(parent):].split('/')[0] for k in shapes
                     if not k.startswith(prefix) and k.startswith(parent)}
                    | {k.split('/')[0] for k in shapes
                       if not k.startswith(parent)})
-
-  # big_vision's MAP head was once inlined at the top level (fix_old_checkpoints).
+  # big_vision's MAP head was once inlined at the top (`fix_old_checkpoints`).
   if 'probe' in local and not any(k.startswith('MAPHead_0/') for k in local):
     local = {(f'MAPHead_0/{k}' if k.split('/')[0] in _MAP_MODULES else k): v
              for k, v in local.items()}
-
+  dropped = []
   for group in ('head', 'pre_logits'):
     found = [k for k in local if k.split('/')[0] == group]
-    if found:
-      if group == 'head' and f'{group}/kernel' in local:
-        size = shapes[local[f'{group}/kernel']][-1]
-        dropped.append(f'its {size}-output head')
-      else:
-        dropped.append(group)
-      for k in found:
-        del local[k]
+    if 'head/kernel' in local and group == 'head':
+      dropped.append(f'its {shapes[local["head/kernel"]][-1]}-output head')
+    elif found:
+      dropped.append(group)
+    for k in found:
+      del local[k]
+  return prefix, local, dropped + outside
 
-  dropped.extend(outside)
 
-  # Blocks: unrolled `encoderblock_{i}` or stacked `encoderblock`.
+def _blocks(path, shapes, local):
+  """`local` with the blocks unrolled under the model's names.
+
+  Returns:
+    The model's key -> (file key, layer index or None); the depth; whether
+    the file stacks its blocks; "published" or "linen" names.
+  """
   stacked = {k: v for k, v in local.items() if k.startswith(_STACKED)}
   unrolled = {k: v for k, v in local.items() if _UNROLLED.match(k)}
   if stacked and unrolled:
@@ -306,12 +295,12 @@ def inspect(path: str) -> Checkpoint:
         '(`Transformer/encoderblock_0/`) blocks.')
   blocks = {}  # (layer, module path in the block) -> (file key, index)
   if stacked:
-    depths = {shapes[v][0] for v in stacked.values() if shapes[v]}
-    if len(depths) != 1 or any(not shapes[v] for v in stacked.values()):
+    depths = {shapes[v][:1] for v in stacked.values()}
+    if len(depths) != 1 or depths == {()}:
       raise CheckpointError(
           f'{path}: the stacked blocks\' leaves do not share one leading '
           f'layer axis (sizes {sorted(depths)}).')
-    depth = depths.pop()
+    (depth,), = depths
     for k, v in stacked.items():
       for layer in range(depth):
         blocks[layer, k[len(_STACKED):]] = (v, layer)
@@ -337,16 +326,91 @@ def inspect(path: str) -> Checkpoint:
         f'({", ".join(sorted(published))}) with Linen\'s '
         f'({", ".join(sorted(linen))}).')
   names = 'linen' if linen else 'published'
-
-  sources = {}
-  for k, v in local.items():
-    if k not in stacked and k not in unrolled:
-      sources[k] = (v, None)
+  sources = {k: (v, None) for k, v in local.items()
+             if k not in stacked and k not in unrolled}
   for (layer, name), source in blocks.items():
     module, _, rest = name.partition('/')
     if names == 'linen':
       module = _TO_PUBLISHED.get(module, module)
     sources[f'Transformer/encoderblock_{layer}/{module}/{rest}'] = source
+  return sources, depth, bool(stacked), names
+
+
+def _position_embeddings(path, prefix, sources, shape_of, width):
+  """The model's `posemb` for the file, its grid side, and the key it had.
+
+  Moves `sources`' entry to where the model keeps that kind.
+  """
+  has_cls = 'cls' in sources
+  present = [k for k in _POSEMB_KEYS if k in sources]
+  if len(present) > 1:
+    raise CheckpointError(f'{path} has position embeddings in more than one '
+                          f'place: {", ".join(present)}.')
+  if not present:
+    if width % 4:
+      raise CheckpointError(
+          f'{path} has no position embeddings, and fixed sin-cos ones '
+          f'(big_vision\'s "sincos2d") need a width divisible by 4, not '
+          f'{width}.')
+    return 'sincos2d', None, None
+  key, = present
+  shape = shape_of(key)
+  if len(shape) != 3 or shape[0] != 1 or shape[2] != width:
+    raise CheckpointError(
+        f'{path}: {prefix}{key} is {shape}, not (1, tokens, {width}).')
+  rows = shape[1]
+  square = math.isqrt(rows) ** 2 == rows
+  square_plus_one = rows > 1 and math.isqrt(rows - 1) ** 2 == rows - 1
+  if key == _ENCODER_POSEMB:
+    if has_cls and not square_plus_one:
+      raise CheckpointError(
+          f'{path} has a class token (`cls`), but its {rows} position '
+          'embeddings are not a square grid plus the class token\'s row' +
+          (' (they are a square grid alone).' if square else '.'))
+    if not has_cls and not square:
+      raise CheckpointError(
+          f'{path} has no class token (`cls`), but its {rows} position '
+          'embeddings are not a square grid of patches' +
+          (' (they are a class token\'s row plus a square grid).'
+           if square_plus_one else '.'))
+    posemb = 'encoder'
+  elif square:
+    posemb = 'patches'
+  elif square_plus_one and has_cls:
+    # Older big_vision added them after the class token, as vit_jax does.
+    posemb = 'encoder'
+  else:
+    raise CheckpointError(
+        f'{path}: its {rows} position embeddings are not a square grid of '
+        'patches' + (', and a class token\'s row plus a square grid needs '
+                     'a class token (`cls`), which the file lacks.'
+                     if square_plus_one else '.'))
+  to = _ENCODER_POSEMB if posemb == 'encoder' else 'pos_embedding'
+  sources[to] = sources.pop(key)
+  return posemb, math.isqrt(rows - (posemb == 'encoder' and has_cls)), key
+
+
+def inspect(path: str) -> Checkpoint:
+  """What `path` holds: its family, architecture and layout, from its shapes.
+
+  Reads only the arrays' headers, so it is cheap on any file.
+
+  Args:
+    path: a `.npz` checkpoint of the vit_jax, big_vision or SigLIP layout.
+
+  Returns:
+    A `Checkpoint`.
+
+  Raises:
+    CheckpointError: a file that is not one of these layouts, or not
+      consistent; the message names the real reason.
+  """
+  shapes = _read_shapes(path)
+  prefix, local, dropped = _tower(path, shapes)
+  if any(k.startswith(('conv_root/', 'gn_root/')) for k in local):
+    raise CheckpointError(f'{path} is a ResNet-ViT hybrid (R50+ViT): its '
+                          'ResNet stem is not supported.')
+  sources, depth, stacked, names = _blocks(path, shapes, local)
 
   def shape_of(key):
     file_key, layer = sources[key]
@@ -383,59 +447,13 @@ def inspect(path: str) -> Checkpoint:
         f'{path}: query kernels {query} do not map width {width} to '
         f'heads x head_dim = {width}.')
 
-  # Position embeddings: where they are, and whether the class token has a row.
+  posemb, grid, posemb_key = _position_embeddings(path, prefix, sources,
+                                                  shape_of, width)
   has_cls = 'cls' in sources
-  present = [k for k in _POSEMB_KEYS if k in sources]
-  if len(present) > 1:
-    raise CheckpointError(f'{path} has position embeddings in more than one '
-                          f'place: {", ".join(present)}.')
-  grid = None
-  if not present:
-    posemb = 'sincos2d'
-  else:
-    key = present[0]
-    shape = shape_of(key)
-    if len(shape) != 3 or shape[0] != 1 or shape[2] != width:
-      raise CheckpointError(
-          f'{path}: {prefix}{key} is {shape}, not (1, tokens, {width}).')
-    rows = shape[1]
-    square = math.isqrt(rows) ** 2 == rows
-    square_plus_one = rows > 1 and math.isqrt(rows - 1) ** 2 == rows - 1
-    if key == _ENCODER_POSEMB:
-      posemb = 'encoder'
-      if has_cls and not square_plus_one:
-        raise CheckpointError(
-            f'{path} has a class token (`cls`), but its {rows} position '
-            'embeddings are not a square grid plus the class token\'s row' +
-            (' (they are a square grid alone).' if square else '.'))
-      if not has_cls and not square:
-        raise CheckpointError(
-            f'{path} has no class token (`cls`), but its {rows} position '
-            'embeddings are not a square grid of patches' +
-            (' (they are a class token\'s row plus a square grid).'
-             if square_plus_one else '.'))
-    elif square:
-      posemb = 'patches'
-    elif square_plus_one and has_cls:
-      # Older big_vision added them after the class token, as vit_jax does.
-      posemb = 'encoder'
-    else:
-      raise CheckpointError(
-          f'{path}: its {rows} position embeddings are not a square grid of '
-          'patches' + (', and a class token\'s row plus a square grid needs '
-                       'a class token (`cls`), which the file lacks.'
-                       if square_plus_one else '.'))
-    if posemb == 'encoder' and key != _ENCODER_POSEMB:
-      sources[_ENCODER_POSEMB] = sources.pop(key)
-    if key == 'Transformer/pos_embedding' and posemb == 'patches':
-      sources['pos_embedding'] = sources.pop(key)
-    grid = math.isqrt(rows - (1 if posemb == 'encoder' and has_cls else 0))
-
   has_map = any(k.startswith('MAPHead_0/') for k in sources)
   if has_map and has_cls:
     raise CheckpointError(f'{path} has both a class token (`cls`) and a MAP '
                           'head (`MAPHead_0`): which one pools is unclear.')
-  pool_type = 'map' if has_map else 'tok' if has_cls else 'gap'
   if has_map:
     map_query = need('MAPHead_0/MultiHeadDotProductAttention_0/query/kernel',
                      "the MAP head's query kernel")
@@ -447,16 +465,18 @@ def inspect(path: str) -> Checkpoint:
           f' differs from the blocks ({heads} heads, MLP {mlp[1]}); the model '
           'gives it the blocks\' sizes, as big_vision does.')
 
-  if present == [_ENCODER_POSEMB]:
+  if posemb_key == _ENCODER_POSEMB:
     family = 'vit_jax'
   elif 'img/' in prefix:
     family = 'big_vision SigLIP'
   else:
     family = 'big_vision ViT'
-  config = models.ViTConfig(patch, width, depth, heads, mlp[1],
-                            pool_type=pool_type, posemb=posemb)
+  config = models.ViTConfig(
+      patch, width, depth, heads, mlp[1],
+      pool_type='map' if has_map else 'tok' if has_cls else 'gap',
+      posemb=posemb)
   return Checkpoint(path=path, family=family, config=config, prefix=prefix,
-                    stacked=bool(stacked), names=names, grid=grid,
+                    stacked=stacked, names=names, grid=grid,
                     dropped=tuple(dropped), sources=sources, shapes=shapes)
 
 
@@ -521,10 +541,10 @@ def _fill(checkpoint: Checkpoint, init, dtype=None, hint='is --model right?'):
       raise CheckpointError(
           f'{path}: {key} has shape {have}, the model needs {shape}; {hint}')
   if missing:
+    more = f' and {len(missing) - 1} more' if missing[1:] else ''
     raise CheckpointError(
         f'{path} ({checkpoint.family} layout) has nothing for the model\'s '
-        f'{missing[0]!r}{f" and {len(missing) - 1} more" if missing[1:] else ""}'
-        f'; {hint}')
+        f'{missing[0]!r}{more}; {hint}')
   unused = sorted(k for k in checkpoint.sources if k not in wanted)
   if unused:
     raise CheckpointError(
@@ -594,8 +614,9 @@ def load(path: str, *, image_size: int, num_classes: int,
 
   Args:
     path: the `.npz` file (vit_jax, big_vision ViT, or SigLIP / SigLIP 2).
-    image_size: the side of the images the model will see; a multiple of the
-      checkpoint's patch size.
+    image_size: the side of the images the model will see. The patch grid is
+      `image_size // patch`; the pixels beyond it are unused, as by the
+      owners' VALID convolution (SigLIP So400m/14 at 384 px: 27 x 27).
     num_classes: the new head's outputs.
     model: optional, a `models.VIT_CONFIGS` name or a `ViTConfig` the file
       must have the shape of (patch, width, depth, heads, MLP width); its
@@ -626,10 +647,10 @@ def load(path: str, *, image_size: int, num_classes: int,
           f'{path} holds a {checkpoint.variant} ({_describe(config)}), but '
           f'--model {name} has another shape ({_describe(expected)}); leave '
           '--model out to take the checkpoint\'s.')
-  if image_size <= 0 or image_size % config.patch_size:
+  if image_size < config.patch_size:
     raise CheckpointError(
-        f'image size {image_size} is not a positive multiple of the '
-        f'checkpoint\'s patch size {config.patch_size}.')
+        f'image size {image_size} is smaller than the checkpoint\'s patch '
+        f'size {config.patch_size}.')
   vit = models.VisionTransformer(num_classes, config, scan=scan)
   init = models.abstract_params(vit, image_size)
   params = _fill(checkpoint, init, dtype=np.dtype(dtype),
@@ -637,6 +658,12 @@ def load(path: str, *, image_size: int, num_classes: int,
 
   side = image_size // config.patch_size
   tokens = side * side + (config.pool_type == 'tok')
+  unused = image_size - side * config.patch_size
+  if unused:
+    # As the owners' VALID convolution does (SigLIP So400m/14 at 384 px).
+    tokens = f'{tokens} tokens ({unused} px of each side unused)'
+  else:
+    tokens = f'{tokens} tokens'
   if config.posemb == 'sincos2d':
     posemb = ' (fixed sin-cos position embeddings)'
   elif checkpoint.grid != side:
@@ -651,7 +678,7 @@ def load(path: str, *, image_size: int, num_classes: int,
       checkpoint.dropped) else ''
   summary = (f'{checkpoint.family} {checkpoint.variant}, '
              f'{config.pool_type} pooling, {config.num_layers} blocks'
-             f'{layout}, {tokens} tokens{posemb}; new {num_classes}-class '
+             f'{layout}, {tokens}{posemb}; new {num_classes}-class '
              f'head{dropped}')
   return Loaded(config=config, params=params, summary=summary,
                 checkpoint=checkpoint, num_classes=num_classes,

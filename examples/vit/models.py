@@ -146,7 +146,7 @@ class Encoder1DBlock(nn.Module):
 
 
 class ScannedEncoder1DBlock(Encoder1DBlock):
-  """`Encoder1DBlock` with the `(carry, x) -> (carry, y)` form `nn.scan` needs."""
+  """`Encoder1DBlock` in the `(carry, x) -> (carry, y)` form of `nn.scan`."""
 
   def __call__(self, x, _):
     return super().__call__(x), None
