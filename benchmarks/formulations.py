@@ -403,9 +403,32 @@ def _prototype(update, like='adam_spd'):
   return opt, update
 
 
+def _library_chunk(name, chunk, unroll=None):
+  """The library's method, its CPU sums loop over `chunk`-element chunks."""
+
+  def make():
+    opt, update = _library(name)
+
+    def chunked_update(*args):
+      saved = _common._SUM_CHUNK  # pylint: disable=protected-access
+      _common._SUM_CHUNK = chunk  # pylint: disable=protected-access
+      try:
+        return update(*args)
+      finally:
+        _common._SUM_CHUNK = saved  # pylint: disable=protected-access
+
+    return opt, chunked_update
+
+  return make
+
+
 FORMULATIONS = {
     'optax.adamw': lambda: _library('optax.adamw'),
     'spd_lib': lambda: _library('adam_spd'),
+    'spd_lib_c15': _library_chunk('adam_spd', 1 << 15),
+    'spd_lib_c17': _library_chunk('adam_spd', 1 << 17),
+    'spd_lib_c18': _library_chunk('adam_spd', 1 << 18),
+    'spd_lib_c20': _library_chunk('adam_spd', 1 << 20),
     'ftp_lib': lambda: _library('adam_ftp'),
     'spd_barrier_stacked': lambda: _prototype(spd_barrier('stacked')),
     'spd_barrier_three': lambda: _prototype(spd_barrier('three')),
@@ -474,14 +497,16 @@ def main(argv=None):
     rows[name] = dict(name=name, temp_words=temp / param_bytes, **summary)
     params = jax.tree.map(lambda x: x + 0, params0)
     holder = {'p': params, 's': jax.jit(opt.init)(params), 'faults': [],
-              'init': opt.init}
+              'cpu': [], 'init': opt.init}
 
     def run(holder=holder, compiled=compiled):
-      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+      before = resource.getrusage(resource.RUSAGE_SELF)
       holder['p'], holder['s'] = compiled(holder['p'], holder['s'], grads)
       jax.block_until_ready((holder['p'], holder['s']))
-      holder['faults'].append(
-          resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      holder['faults'].append(after.ru_minflt - before.ru_minflt)
+      holder['cpu'].append(after.ru_utime + after.ru_stime - before.ru_utime
+                           - before.ru_stime)
 
     runners[name] = (run, holder, compiled)
     print(f'# compiled {name}: {summary["kernels"]} kernels, '
@@ -513,9 +538,13 @@ def main(argv=None):
                                args.repeats, args.warmup)
   load_after = os.getloadavg()
   base = np.asarray(times['optax.adamw'])
+  warm = args.warmup
+  base_cpu = np.median(runners['optax.adamw'][1]['cpu'][warm:])
   for name, row in rows.items():
     t = np.asarray(times[name])
+    cpu = float(np.median(runners[name][1]['cpu'][warm:]))
     row.update(median_ms=float(np.median(t)) * 1e3,
+               cpu_ms=cpu * 1e3, cpu_ratio=float(cpu / base_cpu),
                ratio=float(np.median(t) / np.median(base)),
                paired_ratio=float(np.median(t / base)),
                faults_per_step=float(np.median(runners[name][1]['faults'][
@@ -524,10 +553,11 @@ def main(argv=None):
         f'{load_after}')
   print(_harness.markdown_table(
       ['formulation', 'kernels', 'words', 'temp words', 'median ms',
-       'x adamw', 'paired x', 'faults/step'],
+       'x adamw', 'paired x', 'CPU ms', 'CPU x adamw', 'faults/step'],
       [[r['name'], r['kernels'], r['words'], r['temp_words'], r['median_ms'],
-        f"{r['ratio']:.2f}", f"{r['paired_ratio']:.2f}",
-        int(r['faults_per_step'])] for r in rows.values()]))
+        f"{r['ratio']:.2f}", f"{r['paired_ratio']:.2f}", r['cpu_ms'],
+        f"{r['cpu_ratio']:.2f}", int(r['faults_per_step'])]
+       for r in rows.values()]))
   out = args.out or os.path.join(_harness.RESULTS_DIR, 'formulations.json')
   _harness.write_json(os.path.basename(out), dict(
       machine=info, model=args.model, dtype=dtype.name,

@@ -15,6 +15,10 @@ MaskedNode = optax.MaskedNode
 # `reduce_sums` sums a leaf of at least this many elements in rows of this many.
 _SPLIT_SUM_SIZE = 1 << 16
 _SUM_ROW = 64
+# `reduce_leaf` sums a large leaf on CPU a chunk of this many elements at a
+# time, each chunk in rows of `_SUM_LANES`.
+_SUM_CHUNK = 1 << 16
+_SUM_LANES = 8
 
 # A per-leaf option: one value for every leaf, a pytree of values (the params'
 # structure or a prefix of it), or a callable `fn(path, shape) -> value`.
@@ -461,6 +465,65 @@ def reduce_sums(terms: Sequence[jax.Array], kept_axes: tuple[int, ...],
     terms = jax.lax.reduce(rows, zeros, add, (len(kept_axes) + 1,))
     reduced = (len(kept_axes),)
   sums = jax.lax.reduce(tuple(terms), zeros, add, reduced)
+  if axis_name:
+    sums = jax.lax.psum(sums, axis_name)
+  return tuple(sums)
+
+
+def _sum_in_lanes(terms: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """Sums of several same-shaped terms over all their elements.
+
+  In rows of `_SUM_LANES` elements, then the row sums in rows again: a fused
+  reduction of 8-element rows is the one XLA:CPU vectorizes (LLVM unrolls the
+  row and vectorizes across rows, the terms' divides and square roots
+  included); longer rows, or nested loops, run scalar.
+  """
+  zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+  add = lambda x, y: tuple(a + b for a, b in zip(x, y))
+  terms = tuple(t.reshape(-1) for t in terms)
+  size = terms[0].size
+  while size >= 64 * _SUM_LANES and size % _SUM_LANES == 0:
+    rows = tuple(t.reshape(-1, _SUM_LANES) for t in terms)
+    terms = jax.lax.reduce(rows, zeros, add, (1,))
+    size //= _SUM_LANES
+  return tuple(jax.lax.reduce(terms, zeros, add, (0,)))
+
+
+def reduce_leaf(terms_fn: Callable[..., Sequence[jax.Array]],
+                arrays: Sequence[jax.Array], kept_axes: tuple[int, ...],
+                axis_name=None) -> tuple[jax.Array, ...]:
+  """`reduce_sums(terms_fn(*arrays), kept_axes, axis_name)`, in one read.
+
+  `terms_fn` maps same-shaped arrays (the leaf's inputs) elementwise to the
+  terms to sum. On CPU a large leaf summed whole is read a chunk at a time in
+  a `fori_loop`, the terms computed and summed per chunk in cache: nothing
+  leaf-sized is written, however costly the terms (XLA:CPU would otherwise
+  write an expensive term shared with a later pass to a leaf-sized temporary,
+  which it allocates, and the kernel page-faults in, afresh every step).
+  Elsewhere, and for a leaf that keeps axes, it is `reduce_sums`.
+  """
+  size = arrays[0].size
+  if (kept_axes or size < 2 * _SUM_CHUNK
+      or jax.default_backend() != 'cpu'):
+    return reduce_sums(terms_fn(*arrays), kept_axes, axis_name)
+  flat = tuple(x.reshape(-1) for x in arrays)
+  chunks = size // _SUM_CHUNK
+
+  def chunk_sums(start, length):
+    pieces = tuple(jax.lax.dynamic_slice_in_dim(x, start, length)
+                   for x in flat)
+    return _sum_in_lanes(terms_fn(*pieces))
+
+  def body(i, sums):
+    return tuple(s + c for s, c in zip(sums, chunk_sums(i * _SUM_CHUNK,
+                                                        _SUM_CHUNK)))
+
+  zeros = jax.tree.map(lambda t: jnp.zeros((), t.dtype), jax.eval_shape(
+      terms_fn, *(jax.ShapeDtypeStruct((_SUM_CHUNK,), x.dtype) for x in flat)))
+  sums = jax.lax.fori_loop(0, chunks, body, tuple(zeros))
+  if size % _SUM_CHUNK:
+    tail = chunk_sums(chunks * _SUM_CHUNK, size - chunks * _SUM_CHUNK)
+    sums = tuple(s + t for s, t in zip(sums, tail))
   if axis_name:
     sums = jax.lax.psum(sums, axis_name)
   return tuple(sums)

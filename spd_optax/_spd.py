@@ -82,6 +82,24 @@ def selective_projection_decay(
     Tian, Huang, Kira, `Rethinking Weight Decay for Robust Fine-Tuning of
     Foundation Models <https://arxiv.org/abs/2411.01713>`_, NeurIPS 2024.
   """
+  return _selective_projection_decay(
+      base_optimizer, weight_decay, anchor=anchor, mask=mask,
+      layer_axis=layer_axis, axis_name=axis_name)
+
+
+def _selective_projection_decay(
+    base_optimizer, weight_decay, *, anchor, mask, layer_axis, axis_name,
+    update_of_moments=None):
+  """`selective_projection_decay`; `update_of_moments` as `adam_spd` gives it.
+
+  `update_of_moments(grads, base_state, new_base_state)`, when given,
+  returns a params-shaped tree of the new moments `(mu, nu)` of each leaf
+  (None where the base update cannot be recomputed from them exactly) and
+  `leaf_update(mu, nu, grad)`, the base update of a leaf computed from them.
+  Those leaves' sums are computed from the moments, the base update
+  recomputed in the same pass, instead of from the base update written out
+  leaf-sized.
+  """
   _common.require_base_optimizer(
       base_optimizer, 'selective_projection_decay',
       'spd_optax.selective_projection_decay(optax.adam(lr), weight_decay=...)')
@@ -142,19 +160,38 @@ def selective_projection_decay(
     axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
     anchors = _common.anchor_leaves(state.anchor, params)
     decay = _common.scalar_or_schedule(weight_decay, state.count)
+    if update_of_moments is None:
+      moments, leaf_update = jax.tree.map(lambda _: None, params), None
+    else:
+      moments, leaf_update = update_of_moments(
+          updates, state.base_optimizer_state, base_state)
 
-    def project(param, grad, update, anchor, keep, kept, name):
+    def project(param, grad, update, anchor, moment, keep, kept, name):
       if not keep:
         return update, _common.MaskedNode(), _common.MaskedNode()
       dtype = _common.stat_dtype(param.dtype)
-      deviation = param.astype(dtype)
-      if anchor is not None:
-        deviation = deviation - anchor.astype(dtype)
-      proposed = deviation + update.astype(dtype)
+
+      def terms(grad, param, anchor, update):
+        deviation = param.astype(dtype)
+        if anchor is not None:
+          deviation = deviation - anchor.astype(dtype)
+        proposed = deviation + update.astype(dtype)
+        return (grad.astype(dtype) * deviation, proposed * proposed,
+                deviation * deviation)
+
+      if moment is None:
+        arrays, terms_fn = (grad, param, anchor, update), terms
+      else:
+        # The base update again, from the moments, inside the sums' pass:
+        # XLA keeps no leaf-sized copy of it between the two passes.
+        arrays = (grad, param, anchor) + moment
+        terms_fn = lambda g, p, a, m, v: terms(g, p, a, leaf_update(m, v, g))
+      if anchor is None:
+        arrays = arrays[:2] + arrays[3:]
+        terms_fn = lambda g, p, *rest, fn=terms_fn: fn(g, p, None, *rest)
       summed = tuple(axis for axis in range(param.ndim) if axis not in kept)
-      progress, proposed_sq, deviation_sq = _common.reduce_sums(
-          (grad.astype(dtype) * deviation, proposed * proposed,
-           deviation * deviation), kept,
+      progress, proposed_sq, deviation_sq = _common.reduce_leaf(
+          terms_fn, arrays, kept,
           _common.split_names(name, param.ndim, summed, summed=True))
       selected = progress > 0
       proposed_norm = jnp.sqrt(proposed_sq)
@@ -175,7 +212,7 @@ def selective_projection_decay(
       return new_update.astype(param.dtype), selected, ratio
 
     results = jax.tree.map(project, params, updates, base_updates, anchors,
-                           mask_tree, kept_axes, axis_names)
+                           moments, mask_tree, kept_axes, axis_names)
     new_updates, selected, ratio = _common.unzip(results, params, 3)
     return new_updates, SelectiveProjectionDecayState(
         count=optax.safe_increment(state.count),
@@ -205,6 +242,11 @@ def adam_spd(
 ) -> optax.GradientTransformationExtraArgs:
   """Adam-SPD: `selective_projection_decay` around `optax.adam`.
 
+  The same rule, in two passes over each leaf: the first writes Adam's
+  moments and takes SPD's sums, recomputing Adam's update from the moments;
+  the second writes the constrained update. Nothing leaf-sized is kept
+  between them (the generic wrapper keeps the base update).
+
   Args:
     learning_rate: Adam's learning rate >= 0, a float or a schedule.
     weight_decay: SPD's lambda >= 0 (not scaled by the learning rate), a
@@ -230,8 +272,51 @@ def adam_spd(
   """
   _common.check_learning_rate(learning_rate)
   _common.check_adam(b1, b2, eps, eps_root)
-  return selective_projection_decay(
+  return _selective_projection_decay(
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                  mu_dtype=mu_dtype, nesterov=nesterov),
       weight_decay, anchor=anchor, mask=mask, layer_axis=layer_axis,
-      axis_name=axis_name)
+      axis_name=axis_name,
+      update_of_moments=_adam_update_of_moments(
+          learning_rate, b1, b2, eps, eps_root, nesterov))
+
+
+def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, nesterov):
+  """`optax.adam`'s update, leaf by leaf, from the moments it has just stored.
+
+  The same operations as `optax.scale_by_adam` then
+  `optax.scale_by_learning_rate` (XLA may still round a scalar factor
+  differently inside the sums' loop than in the update: last bits of the
+  sums). A leaf whose stored moments were cast from the values the update
+  used (`mu_dtype`, or a gradient wider than the moments) gets None: its sums
+  read the base update instead.
+  """
+  scale = optax.scale_by_learning_rate(learning_rate)
+
+  def update_of_moments(grads, base_state, new_base_state):
+    adam_state, scale_state = base_state
+    new_adam_state = new_base_state[0]
+    count = new_adam_state.count
+
+    def leaf_update(mu, nu, grad):
+      if nesterov:
+        mu_hat = (b1 * optax.tree.bias_correction(
+            mu, b1, optax.safe_increment(count))
+                  + (1 - b1) * optax.tree.bias_correction(grad, b1, count))
+      else:
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+      nu_hat = optax.tree.bias_correction(nu, b2, count)
+      update = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+      return scale.update(update, scale_state)[0]
+
+    def exact(grad, new, old):
+      used = jnp.promote_types(grad.dtype, old.dtype)
+      return new if new.dtype == used else None
+
+    exact_mu = jax.tree.map(exact, grads, new_adam_state.mu, adam_state.mu)
+    exact_nu = jax.tree.map(exact, grads, new_adam_state.nu, adam_state.nu)
+    return jax.tree.map(
+        lambda m, v: None if m is None or v is None else (m, v),
+        exact_mu, exact_nu, is_leaf=lambda x: x is None), leaf_update
+
+  return update_of_moments

@@ -1,0 +1,185 @@
+"""The two-pass Adam-SPD step: the sums from Adam's moments, nothing between.
+
+`adam_spd` computes SPD's per-leaf sums from the moments `optax.adam` has
+just stored, recomputing Adam's update inside the sums' pass, and on CPU a
+large leaf's sums are a loop over chunks (`_common.reduce_leaf`). These tests
+prove that this is still SPD around `optax.adam` (bit for bit against the
+generic wrapper where XLA compiles both alike, to 1e-10 against the float64
+reference otherwise), that the chunked sums are the sums, and that the
+compiled step keeps no leaf-sized temporary.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import spd_optax as spd
+from spd_optax import _common
+import reference_spd as ref
+
+CHUNK = _common._SUM_CHUNK  # pylint: disable=protected-access
+# Leaves of more than two chunks (the loop runs), one with a tail of whole
+# 8-element rows, one with a ragged tail, and a small one (no loop).
+SHAPES = {'w': (CHUNK // 256 * 2 + 37, 256), 'v': (3, CHUNK + 1001),
+          'b': (17,)}
+LEARNING_RATE = 0.05
+
+
+def leaf_values(seed, scale=1.0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  return {name: np.asarray(scale * rng.normal(size=shape), dtype)
+          for name, shape in SHAPES.items()}
+
+
+def gradients(params, anchor, noise, step):
+  """Along the deviation from the anchor, the sign flipping: SPD fires on
+  the steps where it points away from the anchor (and not at the first)."""
+  sign = -1.0 if step % 3 == 2 else 1.0
+  return {name: sign * (params[name] - anchor[name] + 0.05 * noise[name])
+          for name in params}
+
+
+def run(opt, steps, dtype, zero_anchor=False):
+  params = leaf_values(0, 0.02, dtype)
+  anchor = jax.tree.map(np.zeros_like, params) if zero_anchor else params
+  noise = leaf_values(1, 1.0, dtype)
+  state = opt.init(jax.tree.map(jnp.asarray, params))
+  step_fn = jax.jit(opt.update)
+  history, states = [], []
+  for t in range(steps):
+    grads = jax.tree.map(lambda g: np.asarray(g, dtype),
+                         gradients(params, anchor, noise, t))
+    updates, state = step_fn(grads, state, params)
+    params = jax.tree.map(lambda p, u: np.asarray(p + u, dtype), params,
+                          updates)
+    history.append(params)
+    states.append(state)
+  return history, states
+
+
+def assert_bitwise(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# Where XLA compiles Adam's update alike in the two passes, the alias is the
+# wrapper bit for bit; elsewhere (eps_root, a zero anchor, Nesterov) XLA
+# reassociates a scalar factor differently inside the sums' loop, and the two
+# agree to the last bits: `test_adam_spd_on_large_leaves_matches_float64`.
+@pytest.mark.parametrize('config', [
+    dict(),
+    dict(learning_rate=optax.linear_schedule(0.05, 0.01, 5)),
+    dict(mu_dtype=jnp.bfloat16),  # moments cast: Adam's own update is used
+    dict(mask={'w': True, 'v': False, 'b': True}),
+])
+def test_adam_spd_is_spd_around_optax_adam_bit_for_bit(config):
+  config = dict(config)
+  learning_rate = config.pop('learning_rate', LEARNING_RATE)
+  wrapper_args = {k: config.pop(k) for k in ('anchor', 'mask') if k in config}
+  fused = spd.adam_spd(learning_rate, 0.8, **config, **wrapper_args)
+  generic = spd.selective_projection_decay(
+      optax.adam(learning_rate, **config), 0.8, **wrapper_args)
+  zero = wrapper_args.get('anchor') == 'zero'
+  history, states = run(fused, 6, np.float32, zero)
+  expected, expected_states = run(generic, 6, np.float32, zero)
+  fired = [bool(s) for st in states for s in jax.tree.leaves(st.selected)]
+  assert any(fired) and not all(fired), fired
+  assert_bitwise(history, expected)
+  assert_bitwise(states, expected_states)
+
+
+@pytest.mark.parametrize('config', [
+    dict(), dict(nesterov=True), dict(eps_root=1e-10), dict(anchor='zero')])
+def test_adam_spd_on_large_leaves_matches_float64(config):
+  steps = 8
+  zero = config.get('anchor') == 'zero'
+  with jax.enable_x64(True):
+    history, states = run(spd.adam_spd(LEARNING_RATE, 0.8, **config), steps,
+                          np.float64, zero)
+    # The reference has no Nesterov nor eps_root: those are compared with
+    # the generic wrapper around optax.adam, which test_spd checks.
+    adam_args = {k: v for k, v in config.items() if k != 'anchor'}
+    expected, expected_states = run(spd.selective_projection_decay(
+        optax.adam(LEARNING_RATE, **adam_args), 0.8,
+        anchor=config.get('anchor', 'init')), steps, np.float64, zero)
+  fired = []
+  for t in range(steps):
+    for name in SHAPES:
+      np.testing.assert_allclose(history[t][name], expected[t][name], rtol=0,
+                                 atol=1e-10)
+      selected = bool(states[t].selected[name])
+      assert selected == bool(expected_states[t].selected[name]), (t, name)
+      fired.append(selected)
+  assert any(fired) and not all(fired), fired
+  if config and not zero:
+    return
+  params = leaf_values(0, 0.02, np.float64)
+  noise = leaf_values(1, 1.0, np.float64)
+  anchor = jax.tree.map(np.zeros_like, params) if zero else params
+  reference = ref.Spd(ref.Adam(LEARNING_RATE), 0.8,
+                      anchor=config.get('anchor', 'init'))
+  reference.init(params)
+  for t in range(steps):
+    step = reference.update(gradients(params, anchor, noise, t), params)
+    params = {name: p + step.updates[name] for name, p in params.items()}
+    for name in SHAPES:
+      np.testing.assert_allclose(history[t][name], params[name], rtol=0,
+                                 atol=1e-10)
+      assert bool(states[t].selected[name]) == step.selected[name], (t, name)
+
+
+@pytest.mark.parametrize('size', [2 * CHUNK, 2 * CHUNK + 8 * 77,
+                                  3 * CHUNK + 5, CHUNK])
+def test_chunked_sums_are_the_sums(size):
+  rng = np.random.default_rng(size)
+  with jax.enable_x64(True):
+    x, y = (jnp.asarray(rng.normal(size=size)) for _ in range(2))
+    terms = lambda x, y: (x * y, jnp.sqrt(jnp.abs(x)) / (y * y + 1.0))
+    got = jax.jit(lambda x, y: _common.reduce_leaf(terms, (x, y), ()))(x, y)
+    want = (np.sum(np.asarray(x) * np.asarray(y)),
+            np.sum(np.sqrt(np.abs(np.asarray(x)))
+                   / (np.asarray(y) ** 2 + 1.0)))
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_chunked_sums_keep_axes_and_psum_like_reduce_sums():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3 * CHUNK // 4)),
+                  jnp.float32)
+  terms = lambda x: (x * x, jnp.abs(x))
+  got = _common.reduce_leaf(terms, (x,), (0,))
+  want = _common.reduce_sums(terms(x), (0,))
+  assert_bitwise(got, want)
+  mesh = jax.make_mesh((2,), ('data',))
+  split = jax.jit(jax.shard_map(
+      lambda x: _common.reduce_leaf(terms, (x,), (), 'data'),
+      mesh=mesh, in_specs=jax.P('data'), out_specs=jax.P()))
+  flat = jax.device_put(x.reshape(-1), jax.NamedSharding(mesh, jax.P('data')))
+  np.testing.assert_allclose(split(flat),
+                             [np.sum(np.square(x)), np.sum(np.abs(x))],
+                             rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU layout')
+def test_donated_step_keeps_no_leaf_sized_temporary():
+  params = {'kernel': jax.ShapeDtypeStruct((768, 3072), jnp.float32)}
+  leaf_bytes = 768 * 3072 * 4
+
+  def temporaries(opt):
+    state = jax.eval_shape(opt.init, params)
+
+    def step(params, state, grads):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+    jaxpr = jax.make_jaxpr(step)(params, state, params)
+    assert 'callback' not in str(jaxpr)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+  # The generic wrapper must keep Adam's update between its passes; the
+  # alias recomputes it in the sums' pass and keeps nothing leaf-sized.
+  assert temporaries(spd.selective_projection_decay(optax.adam(1e-3), 0.5)
+                     ) >= leaf_bytes
+  assert temporaries(spd.adam_spd(1e-3, 0.5)) < leaf_bytes // 50
