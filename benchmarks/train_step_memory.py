@@ -22,9 +22,9 @@ Methods: AdamW, L2-SP, Adam-SPD, Adam-FTP (full fine-tuning, the head
 unconstrained) and Adam-SPD + LoRA (rank 16 on the attention kernels, the
 backbone frozen), as the example builds them (`study.make_optimizer`).
 
-  python benchmarks/train_step_memory.py                # B/16 and L/16, 224 px, batch 32
+  python benchmarks/train_step_memory.py          # B/16, L/16: 224 px, batch 32
   python benchmarks/train_step_memory.py --models B/16 --batch-size 64
-  python benchmarks/train_step_memory.py --quick        # the tiny test ViT
+  python benchmarks/train_step_memory.py --quick  # the tiny test ViT
 
 Writes `benchmarks/results/train_step_memory.json`.
 """
@@ -56,11 +56,8 @@ def method_name(method: str, lora_rank: int) -> str:
       f'+LoRA(r={lora_rank})' if lora_rank else '')
 
 
-# The step as it was before issue 11, reproduced here to be measured.
-
-class StateBefore(train_step.TrainState):
-  """The old `TrainState`: `anchor` always a full copy of `params`."""
-
+# The step as it was before issue 11, reproduced here to be measured: its
+# `TrainState.anchor` was a full copy of `params`, the step not donated.
 
 def step_before(state, batch):
   """The old step: the drift of every leaf each step, in the step."""
@@ -78,10 +75,10 @@ def abstract_state_before(model, params, config: configs.Config, method):
 
   def init(params):
     if not config.lora_rank:
-      return StateBefore.create(apply_fn=model.apply, params=params, tx=tx,
+      return train_step.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                 anchor=params)
     after = study.make_state(method, model, params, config)
-    return StateBefore.create(
+    return train_step.TrainState.create(
         apply_fn=model.apply, params=after.params, tx=tx, anchor=after.params,
         frozen=after.frozen, lora_scale=after.lora_scale)
   return jax.eval_shape(init, params)
@@ -232,9 +229,8 @@ def main(argv=None):
     result['targets'] = targets(result)
     print_tables(result)
     results.append(result)
-  out = args.out or os.path.join(
-      _harness.RESULTS_DIR,
-      'train_step_memory_quick.json' if args.quick else 'train_step_memory.json')
+  name = 'train_step_memory' + ('_quick' if args.quick else '')
+  out = args.out or os.path.join(_harness.RESULTS_DIR, name + '.json')
   _harness.write_json(os.path.basename(out), dict(
       machine=info, image_size=image_size, batch_size=batch_size,
       num_classes=args.num_classes, dtype='float32', results=results), out)
