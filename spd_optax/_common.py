@@ -529,6 +529,73 @@ def reduce_leaf(terms_fn: Callable[..., Sequence[jax.Array]],
   return tuple(sums)
 
 
+def _chunk_length(size: int) -> Optional[int]:
+  """A length of whole rows of lanes that divides `size`, near `_SUM_CHUNK`."""
+  first = -(-size // _SUM_CHUNK)
+  for chunks in range(max(first, 2), 4 * first + 1):
+    if size % chunks == 0 and (size // chunks) % _SUM_LANES == 0:
+      return size // chunks
+  return None
+
+
+def loops_over_chunks(size: int, kept_axes: tuple[int, ...]) -> bool:
+  """Whether `reduce_leaf_writing` can take a leaf: on CPU, a large leaf
+  summed whole that splits into equal chunks (a ragged last chunk would make
+  XLA copy the buffers it writes)."""
+  return (not kept_axes and size >= 2 * _SUM_CHUNK
+          and jax.default_backend() == 'cpu'
+          and _chunk_length(size) is not None)
+
+
+def reduce_leaf_writing(write_fn, terms_fn, arrays, buffers, axis_name=None):
+  """Writes `buffers` in place and sums terms of the result, in one pass.
+
+  A chunk at a time (see `reduce_leaf`): `write_fn(*array_chunks,
+  *buffer_chunks)` gives the buffers' new chunks, written in place; the
+  chunks just written are read back (in cache) for
+  `terms_fn(*array_chunks, *new_chunks)`, whose sums over the leaf are
+  returned with the new buffers. One read of every input and one write of
+  every buffer: the multi-output pass XLA:CPU's fusion does not make.
+
+  Returns:
+    `(new_buffers, sums)`.
+  """
+  shape = arrays[0].shape
+  size = arrays[0].size
+  flat = tuple(x.reshape(-1) for x in arrays)
+  buffers = tuple(x.reshape(-1) for x in buffers)
+
+  def chunk_pass(start, length, buffers):
+    pieces = tuple(jax.lax.dynamic_slice_in_dim(x, start, length)
+                   for x in flat)
+    old = tuple(jax.lax.dynamic_slice_in_dim(x, start, length)
+                for x in buffers)
+    new = write_fn(*pieces, *old)
+    buffers = tuple(jax.lax.dynamic_update_slice_in_dim(x, n, start, 0)
+                    for x, n in zip(buffers, new))
+    # Read back what was just written: no reader of the old chunk is left
+    # after the in-place write, so XLA copies no buffer.
+    written = tuple(jax.lax.dynamic_slice_in_dim(x, start, length)
+                    for x in buffers)
+    return buffers, _sum_in_lanes(terms_fn(*pieces, *written))
+
+  def body(i, carry):
+    buffers, sums = carry
+    buffers, part = chunk_pass(i * length, length, buffers)
+    return buffers, tuple(s + c for s, c in zip(sums, part))
+
+  length = _chunk_length(size)
+  chunk = tuple(jax.ShapeDtypeStruct((length,), x.dtype)
+                for x in flat + buffers)
+  zeros = jax.tree.map(lambda t: jnp.zeros((), t.dtype), jax.eval_shape(
+      lambda *x: terms_fn(*x[:len(flat)], *write_fn(*x)), *chunk))
+  buffers, sums = jax.lax.fori_loop(0, size // length, body,
+                                    (buffers, tuple(zeros)))
+  if axis_name:
+    sums = jax.lax.psum(sums, axis_name)
+  return tuple(x.reshape(shape) for x in buffers), tuple(sums)
+
+
 def expand_kept(x: jax.Array, ndim: int, kept_axes: tuple[int, ...]):
   """Inverse of a reduction that kept `kept_axes`: broadcastable to the leaf."""
   shape = [1] * ndim

@@ -161,14 +161,15 @@ def _selective_projection_decay(
     anchors = _common.anchor_leaves(state.anchor, params)
     decay = _common.scalar_or_schedule(weight_decay, state.count)
     if update_of_moments is None:
-      moments, leaf_update = jax.tree.map(lambda _: None, params), None
+      rule, moments = None, jax.tree.map(lambda _: None, params)
     else:
-      moments, leaf_update = update_of_moments(
-          updates, state.base_optimizer_state, base_state)
+      rule = update_of_moments(updates, state.base_optimizer_state,
+                               base_state)
+      moments = rule.moments
 
     def project(param, grad, update, anchor, moment, keep, kept, name):
       if not keep:
-        return update, _common.MaskedNode(), _common.MaskedNode()
+        return update, _common.MaskedNode(), _common.MaskedNode(), None
       dtype = _common.stat_dtype(param.dtype)
 
       def terms(grad, param, anchor, update):
@@ -179,20 +180,31 @@ def _selective_projection_decay(
         return (grad.astype(dtype) * deviation, proposed * proposed,
                 deviation * deviation)
 
+      summed = tuple(axis for axis in range(param.ndim) if axis not in kept)
+      names = _common.split_names(name, param.ndim, summed, summed=True)
+      written = None
       if moment is None:
         arrays, terms_fn = (grad, param, anchor, update), terms
       else:
         # The base update again, from the moments, inside the sums' pass:
         # XLA keeps no leaf-sized copy of it between the two passes.
-        arrays = (grad, param, anchor) + moment
-        terms_fn = lambda g, p, a, m, v: terms(g, p, a, leaf_update(m, v, g))
+        arrays = (grad, param, anchor) + moment[:2]
+        terms_fn = lambda g, p, a, m, v: terms(
+            g, p, a, rule.leaf_update(m, v, g))
       if anchor is None:
         arrays = arrays[:2] + arrays[3:]
         terms_fn = lambda g, p, *rest, fn=terms_fn: fn(g, p, None, *rest)
-      summed = tuple(axis for axis in range(param.ndim) if axis not in kept)
-      progress, proposed_sq, deviation_sq = _common.reduce_leaf(
-          terms_fn, arrays, kept,
-          _common.split_names(name, param.ndim, summed, summed=True))
+      if moment is not None and _common.loops_over_chunks(param.size, kept):
+        # The moments too are written in the sums' loop, a chunk at a time:
+        # one read of the gradient, params, anchor and old moments, one
+        # write of the new moments.
+        written, sums = _common.reduce_leaf_writing(
+            lambda g, *rest: rule.moment_step(g, *rest[-2:]), terms_fn,
+            arrays[:-2], moment[2:], names)
+        update = rule.leaf_update(*written, grad)
+      else:
+        sums = _common.reduce_leaf(terms_fn, arrays, kept, names)
+      progress, proposed_sq, deviation_sq = sums
       selected = progress > 0
       proposed_norm = jnp.sqrt(proposed_sq)
       ratio = jnp.clip(
@@ -209,11 +221,18 @@ def _selective_projection_decay(
         toward_anchor = anchor.astype(dtype) - param.astype(dtype)
       new_update = update.astype(dtype) + shrink.astype(dtype) * (
           toward_anchor - update.astype(dtype))
-      return new_update.astype(param.dtype), selected, ratio
+      return new_update.astype(param.dtype), selected, ratio, written
 
     results = jax.tree.map(project, params, updates, base_updates, anchors,
                            moments, mask_tree, kept_axes, axis_names)
-    new_updates, selected, ratio = _common.unzip(results, params, 3)
+    new_updates, selected, ratio, written = _common.unzip(results, params, 4)
+    if rule is not None:
+      # The moments the loop wrote replace the base optimizer's.
+      base_mu = jax.tree.map(lambda _, w, m: m if w is None else w[0],
+                             params, written, base_state[0].mu)
+      base_nu = jax.tree.map(lambda _, w, v: v if w is None else w[1],
+                             params, written, base_state[0].nu)
+      base_state = rule.with_moments(base_state, base_mu, base_nu)
     return new_updates, SelectiveProjectionDecayState(
         count=optax.safe_increment(state.count),
         base_optimizer_state=base_state,
@@ -278,10 +297,28 @@ def adam_spd(
       weight_decay, anchor=anchor, mask=mask, layer_axis=layer_axis,
       axis_name=axis_name,
       update_of_moments=_adam_update_of_moments(
-          learning_rate, b1, b2, eps, eps_root, nesterov))
+          learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov))
 
 
-def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, nesterov):
+class _MomentsRule(NamedTuple):
+  """What `_selective_projection_decay` needs to fuse Adam into its passes.
+
+  Attributes:
+    moments: params-shaped: per leaf `(new_mu, new_nu, old_mu, old_nu)`, or
+      None where the base update cannot be recomputed from the new moments.
+    leaf_update: `(mu, nu, grad) -> update`, the base update from new moments.
+    moment_step: `(grad, mu, nu) -> (mu, nu)`, the moments' own update.
+    with_moments: `(base_state, mu, nu) -> base_state` with those moments.
+  """
+
+  moments: Any
+  leaf_update: Any
+  moment_step: Any
+  with_moments: Any
+
+
+def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, mu_dtype,
+                            nesterov):
   """`optax.adam`'s update, leaf by leaf, from the moments it has just stored.
 
   The same operations as `optax.scale_by_adam` then
@@ -292,6 +329,8 @@ def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, nesterov):
   read the base update instead.
   """
   scale = optax.scale_by_learning_rate(learning_rate)
+  adam = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
+                             nesterov=nesterov)
 
   def update_of_moments(grads, base_state, new_base_state):
     adam_state, scale_state = base_state
@@ -309,14 +348,20 @@ def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, nesterov):
       update = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
       return scale.update(update, scale_state)[0]
 
-    def exact(grad, new, old):
-      used = jnp.promote_types(grad.dtype, old.dtype)
-      return new if new.dtype == used else None
+    def moment_step(grad, mu, nu):
+      state = adam.update(grad, adam_state._replace(mu=mu, nu=nu))[1]
+      return state.mu, state.nu
 
-    exact_mu = jax.tree.map(exact, grads, new_adam_state.mu, adam_state.mu)
-    exact_nu = jax.tree.map(exact, grads, new_adam_state.nu, adam_state.nu)
-    return jax.tree.map(
-        lambda m, v: None if m is None or v is None else (m, v),
-        exact_mu, exact_nu, is_leaf=lambda x: x is None), leaf_update
+    def leaf_moments(grad, new_mu, new_nu, old_mu, old_nu):
+      exact = (new_mu.dtype == jnp.promote_types(grad.dtype, old_mu.dtype)
+               and new_nu.dtype == jnp.promote_types(grad.dtype, old_nu.dtype))
+      return (new_mu, new_nu, old_mu, old_nu) if exact else None
+
+    def with_moments(state, mu, nu):
+      return (state[0]._replace(mu=mu, nu=nu),) + tuple(state[1:])
+
+    moments = jax.tree.map(leaf_moments, grads, new_adam_state.mu,
+                           new_adam_state.nu, adam_state.mu, adam_state.nu)
+    return _MomentsRule(moments, leaf_update, moment_step, with_moments)
 
   return update_of_moments
