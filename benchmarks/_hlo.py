@@ -45,6 +45,48 @@ def _entry_lines(hlo_text):
   return body
 
 
+def _computation_lines(hlo_text, name):
+  """The body lines of the computation called `name`."""
+  lines = hlo_text.splitlines()
+  start = next((i for i, line in enumerate(lines)
+                if line.startswith(f'%{name} ') or line.startswith(f'{name} ')),
+               None)
+  if start is None:
+    return []
+  body = []
+  for line in lines[start + 1:]:
+    if line.startswith('}'):
+      break
+    body.append(line)
+  return body
+
+
+def _loop_passthrough(hlo_text, body_name):
+  """Indices of a while body's tuple elements it returns unchanged."""
+  lines = _computation_lines(hlo_text, body_name)
+  elements = {}
+  root = None
+  for line in lines:
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, _, opcode, rest = match.groups()
+    if opcode == 'get-tuple-element':
+      index = re.search(r'index=(\d+)', rest)
+      if index and re.match(r'\s*%[\w.\-]+\)', rest):
+        elements[name] = int(index.group(1))
+    if line.lstrip().startswith('ROOT') and opcode == 'tuple':
+      root = re.findall(r'%([\w.\-]+)', rest.split(')')[0])
+  if root is None:
+    return set()
+  return {i for i, operand in enumerate(root) if elements.get(operand) == i}
+
+
+def _tuple_parts(type_text):
+  """Bytes of each element of a (flat) tuple type."""
+  return [_type_bytes(m.group(0)) for m in _ARRAY.finditer(type_text)]
+
+
 def kernel_traffic(hlo_text, large_bytes=1 << 16):
   """Per kernel of the entry computation: (name, opcode, read, written).
 
@@ -73,6 +115,15 @@ def kernel_traffic(hlo_text, large_bytes=1 << 16):
                if sizes.get(o, 0) >= large_bytes)
     written = sum(b for b in (_type_bytes(m.group(0)) for m in _ARRAY.finditer(type_text))
                   if b >= large_bytes)
+    body = re.search(r'body=%?([\w.\-]+)', rest)
+    if opcode == 'while' and body:
+      # A loop over chunks reads each carried buffer once and writes back
+      # only those its body rewrites (not those it passes through).
+      unchanged = _loop_passthrough(hlo_text, body.group(1))
+      parts = _tuple_parts(type_text)
+      read = sum(b for b in parts if b >= large_bytes)
+      written = sum(b for i, b in enumerate(parts)
+                    if b >= large_bytes and i not in unchanged)
     if read or written:
       kernels.append((name, opcode, read, written))
   return kernels

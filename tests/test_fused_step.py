@@ -20,7 +20,14 @@ import spd_optax as spd
 from spd_optax import _common
 import reference_spd as ref
 
-CHUNK = _common._SUM_CHUNK  # pylint: disable=protected-access
+# Smaller chunks than the library's, so the leaves that loop stay small.
+CHUNK = 1 << 14
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+  monkeypatch.setattr(_common, '_SUM_CHUNK', CHUNK)
+
 # Leaves of more than two chunks (the loop runs), one with a tail of whole
 # 8-element rows, one with a ragged tail, and a small one (no loop).
 SHAPES = {'w': (CHUNK // 256 * 2 + 37, 256), 'v': (3, CHUNK + 1001),
