@@ -131,15 +131,27 @@ def path_names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
+def is_callable_spec(spec) -> bool:
+  """Whether a mask or per-leaf option is a function, not a pytree of values.
+
+  `optax.masked`'s rule: every leaf is callable. An Equinox module is itself
+  callable, but a module of bools (or axes) is a pytree of values.
+  """
+  leaves = jax.tree.leaves(jax.tree.map(callable, spec))
+  return bool(leaves) and all(leaves)
+
+
 def resolve_mask(mask, params):
   """The mask as a full bool tree shaped like `params` (True: constrained).
 
   Accepts what `optax.masked` accepts: None (every leaf), a bool pytree with
-  the params' structure or a prefix of it, or a callable on the params.
+  the params' structure or a prefix of it, or a callable on the params. A
+  None in the params (what `eqx.filter` leaves for a non-array) stays None,
+  whatever the mask says there.
   """
   if mask is None:
     return jax.tree.map(lambda _: True, params)
-  mask_tree = mask(params) if callable(mask) else mask
+  mask_tree = mask(params) if is_callable_spec(mask) else mask
   return jax.tree.map(
       lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask_tree, params)
 
@@ -167,7 +179,7 @@ def resolve_per_leaf(option: PerLeafOption, params, name: str):
         f'`{name}` must be a static value (an int, a tuple of ints, a pytree or '
         f'a callable), got an array. Under `optax.inject_hyperparams`, pass '
         f'`static_args=({name!r},)`.')
-  if callable(option) and not isinstance(option, (tuple, list, dict)):
+  if is_callable_spec(option):
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: option(path_names(path), tuple(np.shape(leaf))),
         params)
@@ -262,9 +274,16 @@ def check_like_params(tree, params, name: str, what: str) -> None:
           f'{np.shape(tree_leaves[path])}, but the param has shape '
           f'{np.shape(param)}.')
   for path, leaf in tree_leaves.items():
-    if path not in params_leaves and not _is_empty(leaf):
+    if _is_empty(leaf):
+      continue
+    if path not in params_leaves:
       raise ValueError(
           f'{name}: the {what} have a leaf at {path}, which the params lack.')
+    if params_leaves[path] is None:
+      raise ValueError(
+          f'{name}: the {what} have a leaf at {path}, where the params hold '
+          'None (with Equinox, filter the params as the gradients are, e.g. '
+          '`eqx.filter(model, eqx.is_inexact_array)`).')
 
 
 def checking_gradients(
@@ -612,11 +631,12 @@ def safe_div(numerator, denominator):
 
 
 def unzip(results, like, n: int):
-  """Splits a tree of n-tuples (with `like`'s structure as prefix) into n trees."""
+  """Splits a tree of n-tuples (with `like`'s structure as prefix) into n trees.
+
+  A None in `like` (a params slot holding no array) is None in each tree.
+  """
   return tuple(
-      jax.tree.map(lambda _, r, i=i: r[i], like, results,
-                   is_leaf=lambda x: x is None)
-      for i in range(n))
+      jax.tree.map(lambda _, r, i=i: r[i], like, results) for i in range(n))
 
 
 def num_elements(shape) -> int:
