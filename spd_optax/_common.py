@@ -17,7 +17,8 @@ _SPLIT_SUM_SIZE = 1 << 16
 _SUM_ROW = 64
 # `reduce_leaf` sums a large leaf on CPU a chunk of about this many elements
 # at a time, each chunk in rows of `_SUM_LANES` (measured on ViT-B/16: 2^16
-# 2.2x AdamW, 2^17 2.0x, 2^18 1.9x; 2^20 leaves the attention kernels out).
+# 2.2x AdamW; 2^17 and 2^18 1.9x-2.0x, within noise of each other; 2^20
+# leaves the attention kernels out of the loop).
 _SUM_CHUNK = 1 << 18
 _SUM_LANES = 8
 
