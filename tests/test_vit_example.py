@@ -43,11 +43,15 @@ def write_domains(root, domains=('real', 'sketch', 'paint'),
 
 
 def run_error(argv, capsys):
-  """Runs main(argv), expecting a usage error; returns its stderr line."""
+  """Runs main(argv), expecting a usage error; returns its stderr line.
+
+  The checkpoint loader's one-line summary may come before it.
+  """
   with pytest.raises(SystemExit) as exit_info:
     train.main(argv)
   assert exit_info.value.code != 0
-  lines = capsys.readouterr().err.strip().splitlines()
+  lines = [line for line in capsys.readouterr().err.strip().splitlines()
+           if '-class head' not in line]
   assert len(lines) == 1, lines
   assert lines[0].startswith('error: ')
   return lines[0]
@@ -192,3 +196,99 @@ def test_module_runs_from_the_repo_root_and_fails_without_traceback():
   assert result.returncode != 0
   assert result.stderr.strip().splitlines() == [
       'error: checkpoint no.npz does not exist.']
+
+
+def write_big_vision_checkpoint(path, stack):
+  """A tiny big_vision ViT (MAP head, learned position embeddings over the
+  patches) under `params/`, written key by key as big_vision saves it."""
+  from tests import test_vit_checkpoints as owners  # pylint: disable=g-import-not-at-top
+  arrays = owners.random_arrays(owners.big_vision_shapes(grid=4, pool='map'))
+  if stack:
+    arrays = owners.stacked(arrays)
+  return owners.write(path, {'params/' + k: v for k, v in arrays.items()})
+
+
+@pytest.mark.parametrize('flags,methods', [
+    (['--scan'], ('spd',)), (['--scan', '--remat'], ('ftp',))])
+def test_big_vision_checkpoint_fine_tunes_end_to_end(tmp_path, capsys, flags,
+                                                     methods):
+  data = write_domains(tmp_path / 'data')
+  path = write_big_vision_checkpoint(tmp_path / 'bv.npz', stack=True)
+  out = tmp_path / 'out'
+  results = train.main(FAST[2:] + flags + [
+      '--data', data, '--checkpoint', path,
+      '--optimizer', methods[0],
+      '--steps', '3', '--log-every', '1', '--shots', '0', '--batch-size', '4',
+      '--results-dir', str(out)])
+  err = capsys.readouterr().err
+  summary = [line for line in err.splitlines()
+             if line.startswith('big_vision ViT')]
+  assert len(summary) == 1, err
+  assert 'map pooling' in summary[0] and 'stacked' in summary[0]
+  assert 'new 2-class head' in summary[0]
+  assert results['checkpoint_summary'] == summary[0]
+  # --model left out: the checkpoint's shape; --image-size: its 4 x 4 grid.
+  assert results['config']['model'] is None
+  assert results['config']['image_size'] == 16
+  assert results['config']['scan'] and results['config']['remat'] == (
+      '--remat' in flags)
+  with open(out / 'results.json') as f:
+    saved = json.load(f)
+  assert set(saved['methods']) == set(methods)
+  for run in saved['methods'].values():
+    assert 0 <= run['id_accuracy'] <= 1 and run['deviation'] > 0
+    deviation = run['history']['deviation']
+    # Stacked leaves are logged per block, under the unrolled names.
+    assert 'Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel' in deviation
+    assert not any(k.startswith('Transformer/encoderblock/')
+                   for k in deviation)
+    assert 'MAPHead_0/probe' in deviation and 'pos_embedding' in deviation
+    np.testing.assert_allclose(
+        run['deviation'],
+        np.sqrt(sum(v[-1] ** 2 for k, v in deviation.items()
+                    if not k.startswith('head/'))), rtol=1e-6)
+  if 'spd' in methods:
+    spd_selected = saved['methods']['spd']['history']['selected']
+    assert 'Transformer/encoderblock_0/LayerNorm_0/scale' in spd_selected
+    assert (out / 'spd_selection.png').stat().st_size > 1000
+  if 'ftp' in methods:
+    ftp_gamma = saved['methods']['ftp']['history']['gamma']
+    assert 'Transformer/encoderblock_1/LayerNorm_2/bias' in ftp_gamma
+    assert (out / 'ftp_gamma.png').stat().st_size > 1000
+  for name in ('accuracy', 'deviation'):
+    assert (out / f'{name}.png').stat().st_size > 1000
+
+
+def test_model_given_with_a_checkpoint_checks_its_shape(tmp_path, capsys):
+  path = write_big_vision_checkpoint(tmp_path / 'bv.npz', stack=False)
+  line = run_error(['--quiet', '--model', 'small', '--checkpoint', path],
+                   capsys)
+  assert 'another shape' in line and '--model' in line
+
+
+def test_lora_with_scan_is_one_line_error(capsys):
+  line = run_error(FAST + ['--scan', '--lora-rank', '2'], capsys)
+  assert '--scan' in line and '--lora-rank' in line
+
+
+def test_plot_names_cover_big_vision_and_map_head_leaves():
+  from examples.vit import plots  # pylint: disable=g-import-not-at-top
+  assert plots.short_name('pos_embedding') == 'pos_embedding'
+  assert plots.layer_group('pos_embedding') == 'embeddings'
+  assert plots.short_name('MAPHead_0/probe') == 'map.probe'
+  assert plots.short_name(
+      'MAPHead_0/MlpBlock_0/Dense_1/kernel') == 'map.mlp.fc2.kernel'
+  assert plots.short_name(
+      'MAPHead_0/LayerNorm_0/scale') == 'map.norm.scale'
+  assert plots.layer_group('MAPHead_0/MultiHeadDotProductAttention_0/out/'
+                           'kernel') == 'MAP head'
+  assert plots.short_name('Transformer/encoderblock/MlpBlock_3/Dense_0/'
+                          'kernel') == 'blocks mlp.fc1.kernel'
+  order = sorted(['head/kernel', 'MAPHead_0/probe',
+                  'Transformer/encoder_norm/scale',
+                  'Transformer/encoderblock_1/LayerNorm_0/scale',
+                  'pos_embedding'], key=plots.model_order)
+  assert order == ['pos_embedding',
+                   'Transformer/encoderblock_1/LayerNorm_0/scale',
+                   'Transformer/encoder_norm/scale', 'MAPHead_0/probe',
+                   'head/kernel']

@@ -4,6 +4,7 @@ import argparse
 from collections.abc import Sequence
 import os
 
+from examples.vit import checkpoints
 from examples.vit import configs
 from examples.vit import models
 
@@ -53,14 +54,27 @@ def make_parser() -> argparse.ArgumentParser:
       formatter_class=_HelpFormatter)
   a = parser.add_argument
   a('--model', default=d.model, choices=sorted(models.VIT_CONFIGS),
-    help='ViT variant; must match --checkpoint. "small" is the default '
-    'study\'s, "tiny" the tests\'.')
+    help='ViT variant. Default: the checkpoint\'s shape (read from the '
+    'file); given with --checkpoint, the file must have that shape. Without '
+    'a checkpoint: "small" (the default study\'s); "tiny" is the tests\'.')
   a('--checkpoint', default=d.checkpoint, metavar='PATH.npz',
-    help='a vit_jax .npz checkpoint (e.g. ViT-B_16.npz) to fine-tune; '
-    'without it a model is pre-trained on every domain first (and cached).')
+    help='a public ViT .npz to fine-tune: vit_jax (e.g. ViT-B_16.npz, the '
+    'augreg files), big_vision ViT, or a SigLIP / SigLIP 2 image tower; its '
+    'architecture is read from the file, its head replaced by a new zero '
+    'one, one line says what was loaded. Without it a model is pre-trained '
+    'on every domain first (and cached).')
   a('--image-size', type=int, default=None,
-    help='image side, a multiple of the patch size; position embeddings are '
-    'resized to it. Default: 16 for small/tiny, 224 for the /16 variants.')
+    help='image side; position embeddings are resized to image_size // '
+    'patch (corner-aligned, as vit_jax and big_vision do). Default: the '
+    'checkpoint\'s resolution (224 if it has fixed sin-cos embeddings); 16 '
+    'for small/tiny. Without a checkpoint it must be a multiple of the patch.')
+  a('--scan', action='store_true',
+    help='stack the blocks as one nn.scan (params (layers, ...) under '
+    'Transformer/encoderblock/): compiles one block, not all; SPD and FTP '
+    'still decide per block (layer_axis). Same function.')
+  a('--remat', action='store_true',
+    help='recompute each block\'s activations in the backward pass (less '
+    'memory, one more forward pass). Same function.')
   a('--data', default=d.data, metavar='DIR',
     help='DomainNet-style data: DIR/<domain>/<class>/<image>, the same class '
     'folders in every domain. Default: scikit-learn digits in six domains.')
@@ -149,13 +163,31 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
   config = configs.Config(**values)
   if weight_decay is not None:
     config.weight_decay = parse_weight_decay(weight_decay, config.weight_decay)
-  patch = models.VIT_CONFIGS[config.model].patch_size
-  if config.image_size is None:
-    config.image_size = 16 if patch < 16 else 224
-  if config.image_size <= 0 or config.image_size % patch:
-    raise configs.UsageError(
-        f'--image-size {config.image_size} is not a positive multiple of '
-        f'{config.model}\'s patch size {patch}.')
+  if config.checkpoint is not None:
+    if not os.path.isfile(config.checkpoint):
+      raise configs.UsageError(
+          f'checkpoint {config.checkpoint} does not exist.')
+    # The header only: the patch and resolution (the weights come later).
+    header = checkpoints.inspect(config.checkpoint)
+    patch = header.config.patch_size
+    if config.image_size is None:
+      config.image_size = header.image_size or 224
+    # No multiple-of-patch rule: as the owners' VALID convolution does, the
+    # pixels left over at the edge are not used.
+    if config.image_size < patch:
+      raise configs.UsageError(
+          f'--image-size {config.image_size} is smaller than the '
+          f'checkpoint\'s patch size {patch}.')
+  else:
+    if config.model is None:
+      config.model = 'small'
+    patch = models.VIT_CONFIGS[config.model].patch_size
+    if config.image_size is None:
+      config.image_size = 16 if patch < 16 else 224
+    if config.image_size <= 0 or config.image_size % patch:
+      raise configs.UsageError(
+          f'--image-size {config.image_size} is not a positive multiple of '
+          f'{config.model}\'s patch size {patch}.')
   for flag in ('steps', 'batch_size', 'eval_batch_size', 'log_every',
                'pretrain_batch_size', 'checkpoint_every', 'fsdp_min_size'):
     if getattr(config, flag) <= 0:
@@ -172,12 +204,14 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
     raise configs.UsageError(f'--lora-rank works with --optimizer '
                              f'{", ".join(configs.LORA_METHODS)} or all, not '
                              f'{config.optimizer!r}.')
+  if config.lora_rank and config.scan:
+    raise configs.UsageError('--lora-rank does not work with --scan (the '
+                             'adapters are for unrolled kernels); leave '
+                             '--scan out.')
   if config.lora_mlp and not config.lora_rank:
     raise configs.UsageError('--lora-mlp needs --lora-rank.')
   if config.stop_after is not None and config.workdir is None:
     raise configs.UsageError('--stop-after needs --workdir (to resume from).')
-  if config.checkpoint is not None and not os.path.isfile(config.checkpoint):
-    raise configs.UsageError(f'checkpoint {config.checkpoint} does not exist.')
   if config.data is not None and not os.path.isdir(config.data):
     raise configs.UsageError(f'data folder {config.data} does not exist.')
   if config.cache_dir is None:

@@ -20,9 +20,11 @@ class Config:
   """
 
   # Model and data.
-  model: str = 'small'
-  image_size: int | None = None  # None: 16 for small/tiny, 224 for */16.
+  model: str | None = None  # None: the checkpoint's, else 'small'.
+  image_size: int | None = None  # None: the checkpoint's; 16 for small/tiny.
   checkpoint: str | None = None
+  scan: bool = False  # the blocks stacked as one nn.scan
+  remat: bool = False  # recompute the blocks' activations in the backward
   data: str | None = None
   train_domain: str | None = None  # None: "clean" (digits), else the first.
   shots: int = 10  # labelled fine-tuning examples per class; 0: all

@@ -13,8 +13,17 @@ import numpy as np
 COLORS = {'adamw': '#d62728', 'l2sp': '#9467bd', 'spd': '#1f77b4',
           'ftp': '#2ca02c'}
 
+# Stacked (`--scan`) leaves are logged per block under the unrolled names
+# (`train_loop.layer_values`); `Transformer/encoderblock/` is for a log
+# that kept one.
 _SHORT_NAMES = (
     (r'^Transformer/encoderblock_(\d+)/', r'block\1 '),
+    (r'^Transformer/encoderblock/', 'blocks '),
+    (r'^MAPHead_0/MultiHeadDotProductAttention_0/', 'map.attn.'),
+    (r'^MAPHead_0/MlpBlock_0/Dense_0/', 'map.mlp.fc1.'),
+    (r'^MAPHead_0/MlpBlock_0/Dense_1/', 'map.mlp.fc2.'),
+    (r'^MAPHead_0/LayerNorm_0/', 'map.norm.'),
+    (r'^MAPHead_0/probe$', 'map.probe'),
     (r'MultiHeadDotProductAttention_1/', 'attn.'),
     (r'MlpBlock_3/Dense_0/', 'mlp.fc1.'),
     (r'MlpBlock_3/Dense_1/', 'mlp.fc2.'),
@@ -43,8 +52,12 @@ def layer_group(layer: str) -> str:
   match = re.match(r'^Transformer/encoderblock_(\d+)/', layer)
   if match:
     return f'block {match.group(1)}'
+  if layer.startswith('Transformer/encoderblock/'):
+    return 'blocks (stacked)'
   if layer.startswith('Transformer/encoder_norm'):
     return 'encoder norm'
+  if layer.startswith('MAPHead_0/'):
+    return 'MAP head'
   if layer.startswith('head'):
     return 'head'
   return 'embeddings'
@@ -53,14 +66,16 @@ def layer_group(layer: str) -> str:
 def _block_order(group: str):
   if group == 'embeddings':
     return -1
+  if group == 'blocks (stacked)':
+    return 0
   if group.startswith('block'):
     return int(group.split()[1])
-  return 10**6 if group == 'encoder norm' else 10**6 + 1
+  return {'encoder norm': 10**6, 'MAP head': 10**6 + 1}.get(group, 10**6 + 2)
 
 
-_WITHIN_GROUP = ('embedding/', 'cls', 'pos_embedding', 'LayerNorm_0', '/query/',
-                 '/key/', '/value/', '/out/', 'LayerNorm_2', 'Dense_0',
-                 'Dense_1', 'kernel', 'scale')
+_WITHIN_GROUP = ('embedding/', 'cls', 'pos_embedding', 'probe', 'LayerNorm_0',
+                 '/query/', '/key/', '/value/', '/out/', 'LayerNorm_2',
+                 'Dense_0', 'Dense_1', 'kernel', 'scale')
 
 
 def model_order(layer: str):

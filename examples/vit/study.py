@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 import spd_optax as spd
 
 from examples.vit import checkpointing
+from examples.vit import checkpoints
 from examples.vit import configs
 from examples.vit import devices
 from examples.vit import input_pipeline
@@ -47,6 +48,8 @@ def make_optimizer(method: str, config: configs.Config
   AdamW decays both toward 0; SPD constrains the adapters toward zero
   (`anchor="zero"`), not the head.
   """
+  # `layer_axis`: a scanned model's stacked blocks are decided on (SPD) and
+  # projected (FTP) per block; on the unrolled model it changes nothing.
   schedule = make_schedule(config)
   weight_decay = config.weight_decay[method]
   if config.lora_rank:
@@ -63,11 +66,13 @@ def make_optimizer(method: str, config: configs.Config
   if method == 'l2sp':
     return spd.adamw_l2sp(schedule, weight_decay, mask=models.backbone_mask)
   if method == 'spd':
-    return spd.adam_spd(schedule, weight_decay, mask=models.backbone_mask)
+    return spd.adam_spd(schedule, weight_decay, mask=models.backbone_mask,
+                        layer_axis=models.vit_layer_axis)
   if method == 'ftp':
     return spd.adam_ftp(schedule, weight_decay=weight_decay, k=config.ftp_k,
                         mask=models.backbone_mask,
-                        output_axes=models.vit_output_axes)
+                        output_axes=models.vit_output_axes,
+                        layer_axis=models.vit_layer_axis)
   raise configs.UsageError(f'unknown optimizer {method!r}.')
 
 
@@ -127,6 +132,8 @@ def cached_pretrain(model, domains, config: configs.Config, mesh: Mesh):
       'steps': config.pretrain_steps, 'lr': config.pretrain_lr,
       'batch_size': config.pretrain_batch_size, 'seed': config.seed,
   }
+  if config.scan:  # Another layout of the params (remat changes nothing).
+    recipe['scan'] = True
   digest = hashlib.sha256(
       json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.abspath(os.path.join(config.cache_dir, f'pretrain_{digest}'))
@@ -261,9 +268,18 @@ def run_study(config: configs.Config) -> dict[str, Any]:
         f'domain {config.train_domain!r} has no images left to fine-tune on.')
 
   mesh = devices.make_mesh(config)
-  model = models.VisionTransformer(
-      len(domains.class_names), models.VIT_CONFIGS[config.model],
-      dtype=None if config.dtype == 'float32' else jnp.dtype(config.dtype))
+  dtype = None if config.dtype == 'float32' else jnp.dtype(config.dtype)
+  if pretraining:
+    model = models.VisionTransformer(
+        len(domains.class_names), models.VIT_CONFIGS[config.model],
+        dtype=dtype, remat=config.remat, scan=config.scan)
+  else:
+    loaded = checkpoints.load(
+        config.checkpoint, image_size=config.image_size,
+        num_classes=len(domains.class_names), model=config.model,
+        scan=config.scan)
+    print(loaded.summary, file=sys.stderr)
+    model = loaded.model(dtype=dtype, remat=config.remat)
   results: dict[str, Any] = {
       'config': dataclasses.asdict(config),
       'domains': list(domains.names),
@@ -272,6 +288,7 @@ def run_study(config: configs.Config) -> dict[str, Any]:
       'train_examples': len(train_records),
       'test_examples': {d: len(s['test']) for d, s in domains.splits.items()},
       'pretrained_accuracy': None,
+      'checkpoint_summary': None if pretraining else loaded.summary,
   }
   if pretraining:
     params, path, reused = cached_pretrain(model, domains, config, mesh)
@@ -284,8 +301,7 @@ def run_study(config: configs.Config) -> dict[str, Any]:
     # A new head for the fine-tuning task, as in real transfer.
     params = dict(params, head=jax.tree.map(jnp.zeros_like, params['head']))
   else:
-    params = models.load_npz(config.checkpoint,
-                             models.abstract_params(model, config.image_size))
+    params = loaded.params
   # The pre-trained weights stay on the host (one host: all of them), and
   # each method's state is made from them on the devices and donated there,
   # so the devices hold one copy. With several hosts they stay global arrays

@@ -11,10 +11,14 @@ schedule), and evaluates each result on the fine-tuning domain (ID) and on
 every other domain (OOD). It prints a table and writes `results.json` and
 plots in `--results-dir`.
 
-On a public `vit_jax` checkpoint and DomainNet-style data::
+On a public checkpoint (vit_jax, big_vision ViT, a SigLIP image tower; the
+architecture is read from the file) and DomainNet-style data::
 
-  python -m examples.vit.train --checkpoint ViT-B_16.npz --model B/16 \
-      --data ~/domainnet --train-domain real --image-size 224
+  python -m examples.vit.train --checkpoint ViT-B_16.npz \
+      --data ~/domainnet --train-domain real --image-size 384
+
+(`--scan` keeps a large model's blocks stacked, `--remat` recomputes their
+activations in the backward pass.)
 
 At scale: the train step is jitted over a `(data, fsdp)` mesh of every device
 (`--fsdp`, `--mesh-fsdp`; `--dtype bfloat16` activations), `--workdir`
@@ -26,7 +30,8 @@ The files, one job each: `cli.py` (the flags), `study.py` (pre-training,
 the fine-tuning runs, the table), `train_loop.py` (the loop and its logs),
 `train_step.py` (the state, the donated train step, the drift, evaluation),
 `devices.py` (mesh and shardings), `checkpointing.py` (resuming),
-`models.py`, `input_pipeline.py`, `lora.py`, `plots.py`.
+`models.py`, `checkpoints.py` (public checkpoints), `input_pipeline.py`,
+`lora.py`, `plots.py`.
 """
 
 from collections.abc import Sequence

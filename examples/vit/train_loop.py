@@ -16,6 +16,7 @@ import tqdm
 from examples.vit import checkpointing
 from examples.vit import configs
 from examples.vit import devices
+from examples.vit import models
 from examples.vit import train_step as train_step_lib
 
 
@@ -23,12 +24,27 @@ class Stopped(Exception):
   """Raised by --stop-after once that step's checkpoint is written."""
 
 
+_STACKED = '/'.join(models.STACKED_BLOCKS) + '/'
+
+
 def layer_values(tree) -> dict[str, Any]:
-  """`{"embedding/kernel": value, ...}`; masked leaves are left out."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(path, simple=True, separator='/'):
-              np.asarray(value).tolist()
-          for path, value in leaves}
+  """`{"embedding/kernel": value, ...}`; masked leaves are left out.
+
+  A scanned model's stacked leaf (`Transformer/encoderblock/...`, one value
+  per block) is logged per block under the unrolled model's name
+  (`Transformer/encoderblock_{i}/...`), so both logs read alike.
+  """
+  values = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(tree):
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    value = np.asarray(value)
+    if name.startswith(_STACKED) and value.ndim == 1:
+      rest = name[len(_STACKED):]
+      for i, v in enumerate(value.tolist()):
+        values[f'{_STACKED[:-1]}_{i}/{rest}'] = v
+    else:
+      values[name] = value.tolist()
+  return values
 
 
 class MetricsLog:
@@ -149,8 +165,9 @@ def _log_window(history, window, logged, step, schedule,
     averaged['gamma'] = logged['gamma']
   for name in ('selected', 'ratio'):
     if name in window[-1]:
+      # The mean over the window (per block for a stacked leaf).
       averaged[name] = jax.tree.map(
-          lambda *xs: np.mean(np.asarray(xs, np.float32)),
+          lambda *xs: np.mean(np.asarray(xs, np.float32), axis=0),
           *[m[name] for m in window])
   record = {'step': step, 'loss': history['loss'][-1],
             'accuracy': history['accuracy'][-1],

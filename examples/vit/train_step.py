@@ -22,6 +22,7 @@ from examples.vit import configs
 from examples.vit import devices
 from examples.vit import input_pipeline
 from examples.vit import lora
+from examples.vit import models
 
 
 class TrainState(train_state.TrainState):
@@ -151,11 +152,20 @@ def make_train_step(shardings, data_sharding):
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
+def _drift(path, p, a):
+  """`||p - a||`; per block `(layers,)` for a scanned model's stacked leaf."""
+  names = tuple(str(getattr(k, 'key', k)) for k in path)
+  if models.vit_layer_axis(names, p.shape) == 0:
+    return jnp.sqrt(jnp.sum(jnp.square(p - a), axis=tuple(range(1, p.ndim))))
+  return jnp.linalg.norm(p - a)
+
+
 def deviation(state: TrainState):
   """Each leaf's drift `||p - anchor||` from the pre-trained weights.
 
   The anchor is the optimizer's where it keeps one, else `state.anchor`'s.
-  With LoRA, an adapter's drift is the norm of its change of the backbone
+  A scanned model's stacked leaf gets one drift per block. With LoRA, an
+  adapter's drift is the norm of its change of the backbone
   kernel, `||scale * a @ b||` (keyed by the kernel), and the head's is
   `||head - head0||`.
   """
@@ -166,7 +176,7 @@ def deviation(state: TrainState):
                               for a, k in zip(own, kept)])
   drift = lambda p, a: jnp.linalg.norm(p - a)
   if state.frozen is None:
-    return jax.tree.map(drift, state.params, anchor)
+    return jax.tree_util.tree_map_with_path(_drift, state.params, anchor)
   return {
       'lora': {name: jnp.linalg.norm(state.lora_scale * (ab['a'] @ ab['b']))
                for name, ab in state.params['lora'].items()},
