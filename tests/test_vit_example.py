@@ -16,7 +16,7 @@ from examples.vit import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = models.VIT_CONFIGS['tiny']
-FAST = ['--model', 'tiny', '--quiet', '--log-every', '2']
+FAST = ['--model', 'tiny', '--quiet', '--log-every', '2', '--seeds', '1']
 
 
 def write_tiny_checkpoint(path, image_size=16, num_classes=10, seed=0):
@@ -116,26 +116,66 @@ def test_helpers_mask_the_head_and_name_attention_output_axes():
   assert axes(('embedding', 'kernel'), (4, 4, 3, 16)) == (3,)
 
 
-def test_default_study_writes_every_method_domain_and_plot(tmp_path, capsys):
+def test_default_study_writes_every_method_seed_domain_and_plot(tmp_path,
+                                                                capsys):
   out = tmp_path / 'out'
   argv = FAST + ['--pretrain-steps', '4', '--steps', '4', '--shots', '2',
+                 '--seeds', '2', '--sweep', 'spd=0.5,1;wise=0.25,0.5',
                  '--results-dir', str(out)]
   train.main(argv)
   captured = capsys.readouterr()
   assert 'Adam-SPD' in captured.out and str(out) in captured.out
+  assert 'LP-FT' in captured.out and 'WiSE-FT α=0.5' in captured.out
+  assert ' ± ' in captured.out and 'over 2 fine-tuning seeds' in captured.out
 
   with open(out / 'results.json') as f:
     results = json.load(f)
-  assert set(results['methods']) == {'adamw', 'l2sp', 'spd', 'ftp'}
+  wise = {'wise0.25', 'wise0.5', 'wise0.75'}
+  assert set(results['methods']) == {'adamw', 'l2sp', 'spd', 'ftp',
+                                     'lpft'} | wise
+  assert results['finetune_seeds'] == [0, 1000]
   ood = {'noise', 'blur', 'invert', 'rotate', 'color'}
   assert set(results['domains']) == ood | {'clean'}
-  for run in results['methods'].values():
-    assert set(run['ood_accuracy']) == ood
-    assert 0 <= run['id_accuracy'] <= 1 and run['deviation'] >= 0
-    assert run['history']['step'][-1] == 4
+  for method, run in results['methods'].items():
+    assert set(run['ood_accuracy']) == set(run['ood_std']) == ood
+    assert len(run['seeds']) == 2
+    for key in ('id_accuracy', 'ood_mean', 'deviation'):
+      values = [r[key] for r in run['seeds']]
+      np.testing.assert_allclose(run[key], np.mean(values))
+      np.testing.assert_allclose(
+          run[key.split('_')[0] + '_std'] if key != 'ood_mean'
+          else run['ood_mean_std'], np.std(values, ddof=1))
+    if method not in wise:
+      assert [r['seed'] for r in run['seeds']] == [0, 1000]
+      assert all(r['history']['step'][-1] == 4 for r in run['seeds'])
+      assert 0 <= run['id_accuracy'] <= 1 and run['deviation'] >= 0
+  # Different seeds draw different few-shot sets and data orders.
+  losses = [r['history']['loss'] for r in results['methods']['adamw']['seeds']]
+  assert losses[0] != losses[1]
+  # WiSE-FT moves the backbone alpha of AdamW's way, per seed.
+  for alpha in (0.25, 0.5, 0.75):
+    for mixed, adamw in zip(results['methods'][f'wise{alpha:g}']['seeds'],
+                            results['methods']['adamw']['seeds']):
+      np.testing.assert_allclose(mixed['deviation'],
+                                 alpha * adamw["deviation"], rtol=1e-3)
+  # LP-FT: a 2-step probe (head only), then 2 steps of everything.
+  lpft = results['methods']['lpft']['history']
+  assert lpft['probe']['step'] == [2] and lpft['step'] == [4]
   assert 'selected' in results['methods']['spd']['history']
   assert 'gamma' in results['methods']['ftp']['history']
-  for name in ('accuracy', 'deviation', 'spd_selection', 'ftp_gamma'):
+  sweep = results['sweep']
+  assert set(sweep) == {'spd', 'wise'}
+  assert [p['value'] for p in sweep['spd']] == [0.5, 1.0]
+  assert [p['value'] for p in sweep['wise']] == [0.25, 0.5]
+  assert all(len(p['seeds']) == 2 for points in sweep.values()
+             for p in points)
+  # The grid point at the study's own lambda is the study's run.
+  assert sweep['spd'][1]['id_accuracy'] == results['methods']['spd'][
+      'id_accuracy']
+  assert (out / 'metrics_spd_sweep0.5.jsonl').exists()
+  assert (out / 'metrics_spd_seed1_sweep0.5.jsonl').exists()
+  for name in ('accuracy', 'deviation', 'spd_selection', 'ftp_gamma',
+               'tradeoff'):
     assert (out / f'{name}.png').stat().st_size > 1000
   assert any(p.startswith('pretrain_') for p in os.listdir(tmp_path / 'cache'))
 
@@ -185,8 +225,10 @@ def test_help_explains_every_flag(capsys):
   text = capsys.readouterr().out
   for flag in ('--checkpoint', '--model', '--data', '--train-domain',
                '--optimizer', '--lr', '--weight-decay', '--steps',
-               '--batch-size', '--image-size', '--results-dir', '--quiet'):
+               '--batch-size', '--image-size', '--results-dir', '--quiet',
+               '--scan', '--remat', '--seeds', '--sweep', '--wise-alphas'):
     assert flag in text
+  assert 'Cost: one fine-tuning run' in ' '.join(text.split())
 
 
 def test_module_runs_from_the_repo_root_and_fails_without_traceback():

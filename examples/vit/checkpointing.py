@@ -34,7 +34,10 @@ class ResumeError(ValueError):
 _NOT_IN_FINGERPRINT = ('optimizer', 'eval_batch_size', 'log_every',
                        'results_dir', 'cache_dir', 'quiet', 'workdir',
                        'checkpoint_every', 'stop_after', 'distributed',
-                       'fsdp', 'mesh_fsdp', 'fsdp_min_size')
+                       'fsdp', 'mesh_fsdp', 'fsdp_min_size',
+                       # The study's runs, not one run's: a seed's run
+                       # carries its own `finetune_seed`.
+                       'seeds', 'wise_alphas', 'sweep')
 
 
 def fingerprint(config: configs.Config, method: str) -> dict[str, Any]:

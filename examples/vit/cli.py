@@ -31,6 +31,31 @@ def parse_weight_decay(text: str,
   return values
 
 
+def parse_floats(flag: str, text: str) -> list[float]:
+  """`"0.25,0.5"` as `[0.25, 0.5]` (as JSON keeps it); `""` as `[]`."""
+  try:
+    return [float(x) for x in text.split(',') if x.strip()]
+  except ValueError:
+    raise configs.UsageError(
+        f'{flag} {text!r} is not a list of numbers A,B,... .') from None
+
+
+def parse_sweep(text: str) -> dict[str, list[float]]:
+  """`--sweep`'s grid: `"default"` or `"spd=0.3,1;wise=0.5"`."""
+  if text == 'default':
+    return {m: list(grid) for m, grid in configs.SWEEP_GRID.items()}
+  grid = {}
+  for item in text.split(';'):
+    method, _, values = item.partition('=')
+    method = method.strip()
+    if method not in configs.SWEEP_GRID or not values:
+      raise configs.UsageError(
+          f'--sweep {text!r}: each item is METHOD=V,V,... with METHOD one '
+          f'of {", ".join(configs.SWEEP_GRID)}.')
+    grid[method] = parse_floats('--sweep', values)
+  return grid
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
   """Shows a flag's default unless it is None or False (the help says it)."""
 
@@ -86,7 +111,10 @@ def make_parser() -> argparse.ArgumentParser:
     'split).')
   a('--optimizer', default=d.optimizer, choices=configs.METHODS + ('all',),
     help='fine-tuning method: adamw (baseline), l2sp (AdamW decaying toward '
-    'the pre-trained weights), spd (Adam-SPD), ftp (Adam-FTP), or all.')
+    'the pre-trained weights), spd (Adam-SPD), ftp (Adam-FTP), lpft (a '
+    'linear probe of the head, then AdamW on everything: half the steps '
+    'each), or all. Where AdamW runs, WiSE-FT is evaluated too '
+    '(--wise-alphas).')
   a('--lr', type=float, default=d.lr,
     help='peak fine-tuning learning rate (linear warm-up, cosine decay).')
   a('--weight-decay', default=None, metavar='WD',
@@ -96,6 +124,26 @@ def make_parser() -> argparse.ArgumentParser:
     + ', '.join(f'{k}={v:g}' for k, v in d.weight_decay.items()) + '.')
   a('--ftp-k', type=float, default=d.ftp_k,
     help='FTP\'s k in [0, 1]: the scale of a positive radius gradient.')
+  a('--wise-alphas', default=','.join(f'{x:g}' for x in d.wise_alphas),
+    metavar='A,A,...',
+    help='WiSE-FT\'s alphas: (1 - alpha) theta_0 + alpha theta_AdamW with '
+    'AdamW\'s head, evaluated (no training) whenever AdamW runs; "" for '
+    'none.')
+  a('--seeds', type=int, default=d.seeds,
+    help='fine-tuning runs per method, each with its own few-shot draw and '
+    'data order (seed + 1000 i), from the same pre-trained model; the table '
+    'shows mean +- std, results.json every seed. The new head is zero, as in '
+    'vit_jax, whatever the seed. Each seed costs one more run per method.')
+  a('--sweep', nargs='?', const='default', default=None, metavar='GRID',
+    help='also run each constrained method over a grid of its strength and '
+    'draw ID vs OOD accuracy per method (tradeoff.png). GRID: '
+    '"spd=0.3,1;l2sp=1,10;ftp=0.5,1;wise=0.25,0.5" (a method left out is '
+    'not swept); without it: '
+    + '; '.join(f'{m}={",".join(f"{v:g}" for v in g)}'
+                for m, g in configs.SWEEP_GRID.items())
+    + '. Cost: one fine-tuning run (--steps steps) per grid point and seed '
+    'for SPD, L2-SP and FTP (like one method of the study); WiSE-FT points '
+    'only evaluate (seconds).')
   a('--steps', type=int, default=d.steps, help='fine-tuning steps per method.')
   a('--batch-size', type=int, default=d.batch_size,
     help='fine-tuning batch size.')
@@ -160,6 +208,9 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
   args = make_parser().parse_args(argv)
   values = vars(args)
   weight_decay = values.pop('weight_decay')
+  values['wise_alphas'] = parse_floats('--wise-alphas', values['wise_alphas'])
+  if values['sweep'] is not None:
+    values['sweep'] = parse_sweep(values['sweep'])
   config = configs.Config(**values)
   if weight_decay is not None:
     config.weight_decay = parse_weight_decay(weight_decay, config.weight_decay)
@@ -188,6 +239,11 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
       raise configs.UsageError(
           f'--image-size {config.image_size} is not a positive multiple of '
           f'{config.model}\'s patch size {patch}.')
+  if config.seeds <= 0:
+    raise configs.UsageError('--seeds must be positive.')
+  if config.steps < 2 and config.optimizer in ('lpft', 'all'):
+    raise configs.UsageError('LP-FT needs --steps >= 2 (a probe, then '
+                             'fine-tuning).')
   for flag in ('steps', 'batch_size', 'eval_batch_size', 'log_every',
                'pretrain_batch_size', 'checkpoint_every', 'fsdp_min_size'):
     if getattr(config, flag) <= 0:
@@ -204,6 +260,8 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
     raise configs.UsageError(f'--lora-rank works with --optimizer '
                              f'{", ".join(configs.LORA_METHODS)} or all, not '
                              f'{config.optimizer!r}.')
+  if config.sweep and config.lora_rank:
+    raise configs.UsageError('--sweep does not work with --lora-rank.')
   if config.lora_rank and config.scan:
     raise configs.UsageError('--lora-rank does not work with --scan (the '
                              'adapters are for unrolled kernels); leave '

@@ -2,11 +2,15 @@
 
 import dataclasses
 
-METHODS = ('adamw', 'l2sp', 'spd', 'ftp')
+METHODS = ('adamw', 'l2sp', 'spd', 'ftp', 'lpft')
 # The methods that run with `--lora-rank` (SPD in PEFT mode: anchor "zero").
 LORA_METHODS = ('adamw', 'spd')
 METHOD_NAMES = {'adamw': 'AdamW', 'l2sp': 'L2-SP', 'spd': 'Adam-SPD',
-                'ftp': 'Adam-FTP'}
+                'ftp': 'Adam-FTP', 'lpft': 'LP-FT', 'wise': 'WiSE-FT'}
+# `--sweep`'s default grid of each method's strength: SPD's and L2-SP's
+# lambda, FTP's k, WiSE-FT's alpha.
+SWEEP_GRID = {'l2sp': (1.0, 10.0, 30.0), 'spd': (0.3, 1.0, 3.0),
+              'ftp': (0.5, 1.0), 'wise': (0.25, 0.5, 0.75)}
 
 
 class UsageError(ValueError):
@@ -29,6 +33,8 @@ class Config:
   train_domain: str | None = None  # None: "clean" (digits), else the first.
   shots: int = 10  # labelled fine-tuning examples per class; 0: all
   seed: int = 0
+  # Fine-tuning seeds (few-shot draw, data order) from one pre-trained model.
+  seeds: int = 3
 
   # Pre-training on every domain (when no checkpoint is given).
   pretrain_steps: int = 3000
@@ -37,7 +43,7 @@ class Config:
 
   # Fine-tuning: the same data order, steps and schedule for every method.
   optimizer: str = 'all'
-  steps: int = 400
+  steps: int = 300
   batch_size: int = 32
   lr: float = 1e-3
   warmup_steps: int = 20
@@ -45,8 +51,14 @@ class Config:
   # toward the pre-trained weights (both times lr); SPD's lambda is not
   # scaled by lr; FTP's is AdamW's decay inside Adam-FTP (its constraint is k).
   weight_decay: dict[str, float] = dataclasses.field(default_factory=lambda: {
-      'adamw': 0.1, 'l2sp': 1.0, 'spd': 1.0, 'ftp': 0.0})
+      'adamw': 0.1, 'l2sp': 1.0, 'spd': 1.0, 'ftp': 0.0, 'lpft': 0.1})
   ftp_k: float = 1.0
+  # WiSE-FT: (1 - alpha) theta_0 + alpha theta_AdamW, AdamW's head; no
+  # training. Evaluated whenever AdamW runs (without LoRA).
+  wise_alphas: list[float] = dataclasses.field(
+      default_factory=lambda: [0.25, 0.5, 0.75])
+  # `--sweep`: each method's grid of strengths (None: no sweep).
+  sweep: dict[str, list[float]] | None = None
 
   # Output.
   eval_batch_size: int = 256

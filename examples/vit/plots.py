@@ -11,7 +11,12 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 COLORS = {'adamw': '#d62728', 'l2sp': '#9467bd', 'spd': '#1f77b4',
-          'ftp': '#2ca02c'}
+          'ftp': '#2ca02c', 'lpft': '#ff7f0e', 'wise': '#8c564b'}
+
+
+def color(method: str) -> str | None:
+  """A method's colour; WiSE-FT's alphas (`wise0.5`) share one."""
+  return COLORS.get('wise' if method.startswith('wise') else method)
 
 # Stacked (`--scan`) leaves are logged per block under the unrolled names
 # (`train_loop.layer_values`); `Transformer/encoderblock/` is for a log
@@ -95,8 +100,20 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
       1, 2, figsize=(13, 4.8), gridspec_kw={'width_ratios': [1, 1.8]})
   for method, run in runs.items():
     ood = run['ood_mean'] if run['ood_mean'] is not None else np.nan
+    seeds = run.get('seeds', ())
+    if len(seeds) > 1:  # Every seed, faint, and the mean ± std.
+      left.scatter([100 * r['id_accuracy'] for r in seeds],
+                   [100 * (r['ood_mean'] if r['ood_mean'] is not None
+                           else np.nan) for r in seeds],
+                   s=18, color=color(method), alpha=0.35, zorder=2)
+      left.errorbar(100 * run['id_accuracy'], 100 * ood,
+                    xerr=100 * run['id_std'],
+                    yerr=100 * (run['ood_mean_std'] or 0), fmt='none',
+                    ecolor=color(method), elinewidth=1.2, capsize=3,
+                    zorder=3)
     left.scatter(100 * run['id_accuracy'], 100 * ood, s=90,
-                 color=COLORS.get(method), label=run['name'], zorder=3)
+                 color=color(method), label=run['name'], zorder=3,
+                 marker='D' if method.startswith('wise') else 'o')
     left.annotate(run['name'], (100 * run['id_accuracy'], 100 * ood),
                   textcoords='offset points', xytext=(7, 4), fontsize=9)
   pretrained = results.get('pretrained_accuracy')
@@ -121,8 +138,15 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
     values = [run['id_accuracy']] + [run['ood_accuracy'][d]
                                      for d in domains[1:]]
     values.append(run['ood_mean'] if run['ood_mean'] is not None else np.nan)
+    errors = None
+    if len(run.get('seeds', ())) > 1:
+      errors = 100 * np.asarray(
+          [run['id_std']] + [run['ood_std'][d] for d in domains[1:]]
+          + [run['ood_mean_std'] or 0])
     right.bar(x - 0.4 + width * (i + 0.5), 100 * np.asarray(values), width,
-              color=COLORS.get(method), label=run['name'])
+              yerr=errors, error_kw={'elinewidth': 0.8, 'capsize': 1.5},
+              color=color(method), label=run['name'],
+              alpha=0.6 if method.startswith('wise') else 1.0)
   if pretrained:
     values = [pretrained[d] for d in domains]
     values.append(np.mean(values[1:]) if len(values) > 1 else np.nan)
@@ -134,7 +158,7 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
   right.set_title('Accuracy per domain')
   right.grid(axis='y', alpha=0.3)
   right.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.17),
-               ncol=len(runs) + 1, frameon=False)
+               ncol=min(len(runs) + 1, 5), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -146,7 +170,8 @@ def plot_deviation(results: dict[str, Any], path: str) -> None:
   A part's distance is the L2 norm of its leaves' deviations together; the
   new head has no pre-trained weights and is left out.
   """
-  runs = results['methods']
+  runs = {m: r for m, r in results['methods'].items()
+          if r.get('history')}  # WiSE-FT is not trained: no history.
   groups = sorted({layer_group(layer)
                    for run in runs.values()
                    for layer in run['history']['deviation']
@@ -226,6 +251,49 @@ def plot_ftp_gamma(run: dict[str, Any], path: str) -> None:
            'log10 γ', path, log=True)
 
 
+def plot_tradeoff(results: dict[str, Any], path: str) -> None:
+  """ID vs mean OOD accuracy of each method over its grid (`--sweep`), one
+  curve per method, each point the mean over the seeds (± std bars)."""
+  fig, ax = plt.subplots(figsize=(7.5, 5.5))
+  for method, points in results['sweep'].items():
+    points = sorted(points, key=lambda p: p['value'])
+    xs = [100 * p['id_accuracy'] for p in points]
+    ys = [100 * p['ood_mean'] for p in points]
+    label = {'ftp': 'Adam-FTP (k)', 'wise': 'WiSE-FT (α)', 'spd':
+             'Adam-SPD (λ)', 'l2sp': 'L2-SP (λ)'}.get(method, method)
+    ax.errorbar(xs, ys, xerr=[100 * p['id_std'] for p in points],
+                yerr=[100 * (p['ood_mean_std'] or 0) for p in points],
+                color=color(method), marker='o', capsize=2, label=label)
+    for p, x, y in zip(points, xs, ys):
+      ax.annotate(f'{p["value"]:g}', (x, y), textcoords='offset points',
+                  xytext=(5, 4), fontsize=8, color=color(method))
+  for method in ('adamw', 'lpft'):
+    run = results['methods'].get(method)
+    if run is not None:
+      ax.errorbar(100 * run['id_accuracy'], 100 * run['ood_mean'],
+                  xerr=100 * run.get('id_std', 0),
+                  yerr=100 * (run.get('ood_mean_std') or 0),
+                  color=color(method), marker='s', markersize=8, capsize=2,
+                  label=run['name'], linestyle='none')
+  train_domain = results['train_domain']
+  pretrained = results.get('pretrained_accuracy')
+  if pretrained:
+    ood = [v for d, v in pretrained.items() if d != train_domain]
+    ax.scatter(100 * pretrained[train_domain], 100 * np.mean(ood),
+               marker='*', s=160, color='gray', label='pre-trained (its head)')
+  n = max([len(r.get('seeds', ())) for r in results['methods'].values()]
+          + [1])
+  ax.set_xlabel(f'ID accuracy (%), {train_domain}')
+  ax.set_ylabel('mean OOD accuracy (%)')
+  ax.set_title(f'Trade-off over each method\'s strength (mean ± std, {n} '
+               f'seed{"s" if n > 1 else ""})')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_all(results: dict[str, Any], directory: str) -> list[str]:
   """Writes every figure that `results` has data for; returns their paths."""
   paths = []
@@ -241,4 +309,6 @@ def plot_all(results: dict[str, Any], directory: str) -> list[str]:
     save(plot_spd_selection, 'spd_selection.png', runs['spd'])
   if 'ftp' in runs:
     save(plot_ftp_gamma, 'ftp_gamma.png', runs['ftp'])
+  if results.get('sweep'):
+    save(plot_tradeoff, 'tradeoff.png', results)
   return paths
