@@ -77,6 +77,11 @@ def _registry() -> dict[str, Method]:
     methods.append(Method(
         'adam_ftp', lambda mask, axes: spd.adam_ftp(
             lr, mask=mask, output_axes=axes), 'optax.adamw', 'AdamP'))
+    methods.append(Method(
+        'ftp(optax.adamw)', lambda mask, axes: spd.fast_trainable_projection(
+            optax.adamw(lr, weight_decay=0.0), mask=mask, output_axes=axes),
+        'optax.adamw',
+        'the generic wrapper: adam_ftp before its chunk loop'))
   if hasattr(spd, 'sgd_ftp'):
     methods.append(Method(
         'sgd_ftp', lambda mask, axes: spd.sgd_ftp(

@@ -523,7 +523,7 @@ FORMULATIONS = {
     # The moments written by their own (threaded) kernels, the chunk loop
     # only summing: 16 words instead of 12.
     'spd_lib_sums_loop': _library_patched(
-        'adam_spd', loops_over_chunks=lambda size, kept: False),
+        'adam_spd', loops_over_chunks=lambda leaf, kept: False),
     'spd_lib_c17': _library_chunk('adam_spd', 1 << 17),
     'spd_lib_c18': _library_chunk('adam_spd', 1 << 18),
     'spd_lib_c20': _library_chunk('adam_spd', 1 << 20),

@@ -21,6 +21,12 @@ _SUM_ROW = 64
 # leaves the attention kernels out of the loop).
 _SUM_CHUNK = 1 << 18
 _SUM_LANES = 8
+# The chunk loops index a leaf as one flat buffer: XLA's partitioner then
+# all-gathers a leaf split across devices (and its moments) on every device,
+# and an explicitly sharded leaf cannot be flattened at all. So they run only
+# where no leaf can be split: one device in all. Tests set this to run them
+# under faked devices, on leaves that are not split.
+_LOOP_ON_MANY_DEVICES = False
 
 # A per-leaf option: one value for every leaf, a pytree of values (the params'
 # structure or a prefix of it), or a callable `fn(path, shape) -> value`.
@@ -472,7 +478,8 @@ def reduce_sums(terms: Sequence[jax.Array], kept_axes: tuple[int, ...],
   leaf is split over a `shard_map` axis. The result keeps `kept_axes` only.
   A large leaf whose kept axes lead is summed in rows of `_SUM_ROW` elements
   first: XLA:CPU splits that pass across its threads, where a reduction that
-  keeps nothing runs on one.
+  keeps nothing runs on one. Not where the leaf may be split across devices:
+  its rows would cross the devices' blocks, and XLA would gather the leaf.
   """
   ndim = terms[0].ndim
   reduced = tuple(axis for axis in range(ndim) if axis not in kept_axes)
@@ -481,7 +488,7 @@ def reduce_sums(terms: Sequence[jax.Array], kept_axes: tuple[int, ...],
   kept_shape = terms[0].shape[:len(kept_axes)]
   summed = math.prod(terms[0].shape[axis] for axis in reduced)
   if (kept_axes == tuple(range(len(kept_axes))) and summed >= _SPLIT_SUM_SIZE
-      and summed % _SUM_ROW == 0):
+      and summed % _SUM_ROW == 0 and _whole_on_one_device(terms[0])):
     rows = tuple(t.reshape(kept_shape + (-1, _SUM_ROW)) for t in terms)
     terms = jax.lax.reduce(rows, zeros, add, (len(kept_axes) + 1,))
     reduced = (len(kept_axes),)
@@ -510,6 +517,19 @@ def _sum_in_lanes(terms: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
   return tuple(jax.lax.reduce(terms, zeros, add, (0,)))
 
 
+def _whole_on_one_device(leaf) -> bool:
+  """Whether `leaf` is known, while tracing, to be held whole by one device.
+
+  True with one device in all (or `_LOOP_ON_MANY_DEVICES`), unless the
+  leaf's type says it is split (explicit sharding). Under automatic
+  sharding a traced leaf does not say how it will be split.
+  """
+  spec = getattr(getattr(jax.typeof(leaf), 'sharding', None), 'spec', None)
+  if spec is not None and any(entry is not None for entry in spec):
+    return False
+  return _LOOP_ON_MANY_DEVICES or jax.device_count() == 1
+
+
 def reduce_leaf(terms_fn: Callable[..., Sequence[jax.Array]],
                 arrays: Sequence[jax.Array], kept_axes: tuple[int, ...],
                 axis_name=None) -> tuple[jax.Array, ...]:
@@ -521,11 +541,13 @@ def reduce_leaf(terms_fn: Callable[..., Sequence[jax.Array]],
   leaf-sized is written, however costly the terms (XLA:CPU would otherwise
   write an expensive term shared with a later pass to a leaf-sized temporary,
   which it allocates, and the kernel page-faults in, afresh every step).
-  Elsewhere, and for a leaf that keeps axes, it is `reduce_sums`.
+  Elsewhere, for a leaf that keeps axes, and where the leaf may be split
+  across devices (`_whole_on_one_device`), it is `reduce_sums`.
   """
   size = arrays[0].size
   if (kept_axes or size < 2 * _SUM_CHUNK
-      or jax.default_backend() != 'cpu'):
+      or jax.default_backend() != 'cpu'
+      or not _whole_on_one_device(arrays[0])):
     return reduce_sums(terms_fn(*arrays), kept_axes, axis_name)
   flat = tuple(x.reshape(-1) for x in arrays)
   chunks = size // _SUM_CHUNK
@@ -559,13 +581,14 @@ def _chunk_length(size: int) -> Optional[int]:
   return None
 
 
-def loops_over_chunks(size: int, kept_axes: tuple[int, ...]) -> bool:
+def loops_over_chunks(leaf: jax.Array, kept_axes: tuple[int, ...]) -> bool:
   """Whether `reduce_leaf_writing` can take a leaf: on CPU, a large leaf
   summed whole that splits into equal chunks (a ragged last chunk would make
-  XLA copy the buffers it writes)."""
-  return (not kept_axes and size >= 2 * _SUM_CHUNK
+  XLA copy the buffers it writes), held whole by one device."""
+  return (not kept_axes and leaf.size >= 2 * _SUM_CHUNK
           and jax.default_backend() == 'cpu'
-          and _chunk_length(size) is not None)
+          and _chunk_length(leaf.size) is not None
+          and _whole_on_one_device(leaf))
 
 
 def reduce_leaf_writing(write_fn, terms_fn, arrays, buffers, axis_name=None):
@@ -614,6 +637,92 @@ def reduce_leaf_writing(write_fn, terms_fn, arrays, buffers, axis_name=None):
                                     (buffers, tuple(zeros)))
   if axis_name:
     sums = jax.lax.psum(sums, axis_name)
+  return tuple(x.reshape(shape) for x in buffers), tuple(sums)
+
+
+def rows_per_chunk(leaf: jax.Array, rows: tuple[int, ...],
+                   layers: tuple[int, ...]) -> Optional[int]:
+  """Rows of the leaf's summed axes per chunk of `reduce_rows_writing`, or None.
+
+  On CPU, for a large leaf held whole by one device whose row axes (the axes
+  its row norms keep) are its last ones and which stacks no layers: its
+  summed axes then lead, so a chunk of whole leading rows holds every row
+  axis. Chunks are equal (a ragged one would make XLA copy the buffers it
+  writes), of about `_SUM_CHUNK` elements.
+  """
+  ndim = leaf.ndim
+  if (layers or not rows or len(rows) == ndim
+      or rows != tuple(range(ndim - len(rows), ndim))
+      or leaf.size < 2 * _SUM_CHUNK or jax.default_backend() != 'cpu'
+      or not _whole_on_one_device(leaf)):
+    return None
+  height = math.prod(leaf.shape[:ndim - len(rows)])
+  first = -(-leaf.size // _SUM_CHUNK)
+  for chunks in range(max(first, 2), 4 * first + 1):
+    if height % chunks == 0:
+      return height // chunks
+  return None
+
+
+def reduce_rows_writing(stages, old_terms_fn, new_terms_fn, arrays, buffers,
+                        width, chunk_rows):
+  """Writes `buffers` in place and sums terms over the leading axes, one pass.
+
+  `reduce_leaf_writing` for sums that keep the trailing axes (an FTP leaf's
+  row axes): the leaf is a matrix of (summed, kept: `width` elements) and
+  is read `chunk_rows` rows at a time. Per chunk:
+  `old_terms_fn(*array_chunks, *buffer_chunks)` (possibly none) are summed
+  over all their elements (in lanes, as in `reduce_leaf`); then each stage
+  `(n, fn)` of `stages`, in order, writes the next `n` buffers' chunks
+  `fn(*array_chunks, *buffer_chunks, *old_sums)` in place, later stages
+  seeing the chunks earlier ones wrote, read back; then
+  `new_terms_fn(*array_chunks, *buffer_chunks)` of the chunks written are
+  summed over the chunk's rows. A stage must depend on whatever reads a
+  buffer it overwrites (XLA then reads the old chunk before it is
+  overwritten instead of copying the whole buffer every chunk), and on the
+  read-back chunks, not on chunks it recomputes (which would keep the old
+  chunks alive: a copy too).
+
+  Returns:
+    `(new_buffers, old_sums + new_sums)`: scalars, then sums of `width`.
+  """
+  shape = buffers[0].shape
+  matrices = tuple(x.reshape(-1, width) for x in arrays)
+  buffers = tuple(x.reshape(-1, width) for x in buffers)
+  # A column sum as a product with ones: XLA:CPU's own reductions (and
+  # YNNPACK's) of a (rows, width) chunk to its width ran 1.3x-3x slower.
+  column_sums = lambda terms: tuple(
+      jnp.matmul(jnp.ones((chunk_rows,), t.dtype), t,
+                 precision=jax.lax.Precision.HIGHEST) for t in terms)
+  chunk_of = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start,
+                                                           chunk_rows)
+
+  def body(i, carry):
+    buffers, sums = carry
+    start = i * chunk_rows
+    pieces = tuple(chunk_of(x, start) for x in matrices)
+    chunks = [chunk_of(x, start) for x in buffers]
+    old_terms = old_terms_fn(*pieces, *chunks)
+    old_sums = _sum_in_lanes(old_terms) if old_terms else ()
+    buffers, first = list(buffers), 0
+    for count, write_fn in stages:
+      new = write_fn(*pieces, *chunks, *old_sums)
+      for index in range(first, first + count):
+        buffers[index] = jax.lax.dynamic_update_slice_in_dim(
+            buffers[index], new[index - first], start, 0)
+        chunks[index] = chunk_of(buffers[index], start)
+      first += count
+    part = old_sums + column_sums(new_terms_fn(*pieces, *chunks))
+    return tuple(buffers), tuple(s + c for s, c in zip(sums, part))
+
+  chunk = tuple(jax.ShapeDtypeStruct((chunk_rows, width), x.dtype)
+                for x in matrices + buffers)
+  zeros = tuple(jnp.zeros((), t.dtype)
+                for t in jax.eval_shape(old_terms_fn, *chunk)) + tuple(
+                    jnp.zeros((width,), t.dtype)
+                    for t in jax.eval_shape(new_terms_fn, *chunk))
+  buffers, sums = jax.lax.fori_loop(0, matrices[0].shape[0] // chunk_rows,
+                                    body, (buffers, tuple(zeros)))
   return tuple(x.reshape(shape) for x in buffers), tuple(sums)
 
 

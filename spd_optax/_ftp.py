@@ -8,6 +8,7 @@ import optax
 from optax._src import base as optax_base
 
 from spd_optax import _common
+from spd_optax import _spd
 
 # The published code's constants: the floor added to every row norm, the
 # radius's start and lower bound, and the epsilon of the radius's own Adam.
@@ -135,6 +136,22 @@ def fast_trainable_projection(
     Tian, Liu, Smith, Kira, `Fast Trainable Projection for Robust Fine-Tuning
     <https://arxiv.org/abs/2310.19182>`_, NeurIPS 2023.
   """
+  return _fast_trainable_projection(
+      base_optimizer, k=k, mu=mu, b1=b1, b2=b2, anchor=anchor, mask=mask,
+      output_axes=output_axes, layer_axis=layer_axis, axis_name=axis_name)
+
+
+def _fast_trainable_projection(
+    base_optimizer, *, k, mu, b1, b2, anchor, mask, output_axes, layer_axis,
+    axis_name, update_of_moments=None):
+  """`fast_trainable_projection`; `update_of_moments` as `adam_ftp` gives it.
+
+  `update_of_moments` is `_spd._adam_update_of_moments`'s: with it, a leaf
+  the chunk loop takes (`_common.rows_per_chunk`) is read once for Adam's
+  moments, the deviation `c` (written over `c_prev`) and its row norms,
+  Adam's update recomputed from the new moments; `h` is the plain per-row
+  reduction before it, the projected update a pass after it.
+  """
   _common.require_base_optimizer(
       base_optimizer, 'fast_trainable_projection',
       'spd_optax.fast_trainable_projection(optax.adamw(lr), k=1.0)')
@@ -214,11 +231,17 @@ def fast_trainable_projection(
     anchors = _common.anchor_leaves(state.anchor, params)
     first_step = state.count == 0
     rate = _common.scalar_or_schedule(mu, state.count)
+    if update_of_moments is None:
+      rule, moments = None, jax.tree.map(lambda _: None, params)
+    else:
+      rule = update_of_moments(updates, state.base_optimizer_state,
+                               base_state)
+      moments = rule.moments
 
-    def project(param, grad, update, anchor, gamma, gamma_m, gamma_v, c_prev,
-                s_prev, keep, axes, name):
+    def project(param, grad, update, anchor, moment, gamma, gamma_m, gamma_v,
+                c_prev, s_prev, keep, axes, name):
       if not keep:
-        return (update,) + (_common.MaskedNode(),) * 5
+        return (update,) + (_common.MaskedNode(),) * 5 + (None,)
       rows, layers = axes
       dtype = _common.stat_dtype(param.dtype)
       t = (state.count + 1).astype(dtype)
@@ -233,6 +256,8 @@ def fast_trainable_projection(
       # s_prev is constant along a row, so h needs only per-row sums. Two
       # plain reductions, not one variadic: they read disjoint inputs, and
       # XLA:CPU runs a two-operand reduce that keeps an axis ~30x slower.
+      # (Inside adam_ftp's chunk loop h cost more than this pass of its
+      # own: measured in benchmarks/README.md.)
       gamma_grad_rows, = _common.reduce_sums(
           (grad.astype(dtype) * c_prev.astype(dtype),), rows, summed_names)
       gamma_grad = jnp.sum(gamma_grad_rows * s_prev, axis=within_layer)
@@ -242,11 +267,42 @@ def fast_trainable_projection(
       # c_prev before writing the new one into its donated buffer, instead of
       # copying both (measured: a ~1.5x slower step on CPU).
       after_h = 0 * _common.expand_kept(gamma_grad, param.ndim, layers)
-      deviation = param.astype(dtype) + after_h + update.astype(dtype)
-      if anchor is not None:
-        deviation = deviation - anchor.astype(dtype)
-      row_norm, = _common.reduce_sums(
-          (jnp.abs(deviation),), rows, summed_names)
+      chunk_rows = None
+      if (moment is not None and param.dtype == dtype
+          and c_prev.dtype == dtype):
+        chunk_rows = _common.rows_per_chunk(param, rows, layers)
+      written = None
+      if chunk_rows is None:
+        deviation = param.astype(dtype) + after_h + update.astype(dtype)
+        if anchor is not None:
+          deviation = deviation - anchor.astype(dtype)
+        row_norm, = _common.reduce_sums(
+            (jnp.abs(deviation),), rows, summed_names)
+      else:
+        # Adam's moments, the deviation (over c_prev) and its row norms in
+        # one loop: one read of g, p, a, m, v, one write of m, v, c_prev,
+        # Adam's update recomputed in cache from the moments just written.
+        def moments(grad, param, *rest):
+          return rule.moment_step(grad, *rest[-3:-1])
+
+        def deviation_of(grad, param, *rest):
+          *anchor_chunk, mu, nu, _ = rest
+          deviation = (param + 0 * gamma_grad
+                       + rule.leaf_update(mu, nu, grad, param))
+          if anchor_chunk:
+            deviation = deviation - anchor_chunk[0]
+          return (deviation,)
+
+        arrays = (grad, param) + (() if anchor is None else (anchor,))
+        width = _common.num_elements(_common.kept_shape(param.shape, rows))
+        (new_mu, new_nu, deviation), (row_norm,) = _common.reduce_rows_writing(
+            ((2, moments), (1, deviation_of)), lambda *chunks: (),
+            lambda *chunks: (jnp.abs(chunks[-1]),), arrays,
+            (moment[2], moment[3], c_prev), width, chunk_rows)
+        written = (new_mu, new_nu)
+        row_norm = row_norm.reshape(_common.kept_shape(param.shape, rows))
+        if summed_names:
+          row_norm = jax.lax.psum(row_norm, summed_names)
       row_norm = row_norm + _ROW_NORM_FLOOR
       gamma_grad = jnp.where(gamma_grad > 0, k * gamma_grad, gamma_grad)
       new_m = b1 * gamma_m + (1 - b1) * gamma_grad
@@ -272,14 +328,21 @@ def fast_trainable_projection(
         projected = projected + anchor.astype(dtype)
       new_update = projected - param.astype(dtype)
       return (new_update.astype(param.dtype), gamma, gamma_m, gamma_v,
-              deviation.astype(c_prev.dtype), 1 / row_norm)
+              deviation.astype(c_prev.dtype), 1 / row_norm, written)
 
     results = jax.tree.map(
-        project, params, updates, base_updates, anchors, state.gamma,
+        project, params, updates, base_updates, anchors, moments, state.gamma,
         state.gamma_m, state.gamma_v, state.c_prev, state.s_prev, mask_tree,
         axes_tree, axis_names)
-    new_updates, gamma, gamma_m, gamma_v, c_prev, s_prev = _common.unzip(
-        results, params, 6)
+    new_updates, gamma, gamma_m, gamma_v, c_prev, s_prev, written = (
+        _common.unzip(results, params, 7))
+    if rule is not None:
+      # The moments the loop wrote replace the base optimizer's.
+      base_mu = jax.tree.map(lambda _, w, m: m if w is None else w[0],
+                             params, written, base_state[0].mu)
+      base_nu = jax.tree.map(lambda _, w, v: v if w is None else w[1],
+                             params, written, base_state[0].nu)
+      base_state = rule.with_moments(base_state, base_mu, base_nu)
     return new_updates, FastTrainableProjectionState(
         count=optax.safe_increment(state.count),
         base_optimizer_state=base_state,
@@ -347,12 +410,20 @@ def adam_ftp(
   _common.check_learning_rate(learning_rate)
   _common.check_adam(b1, b2, eps, eps_root)
   _common.check_hyperparameter(weight_decay, 'weight_decay', low=0.0)
-  return fast_trainable_projection(
+  # Adam's update can be recomputed from its moments where AdamW's decay
+  # is unmasked (a masked decay is `optax.masked`'s tree, not a leaf's).
+  update_of_moments = None
+  if weight_decay_mask is None:
+    update_of_moments = _spd._adam_update_of_moments(  # pylint: disable=protected-access
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov,
+        weight_decay=weight_decay)
+  return _fast_trainable_projection(
       optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                   mu_dtype=mu_dtype, weight_decay=weight_decay,
                   mask=weight_decay_mask, nesterov=nesterov),
-      k=k, mu=mu, anchor=anchor, mask=mask, output_axes=output_axes,
-      layer_axis=layer_axis, axis_name=axis_name)
+      k=k, mu=mu, b1=0.9, b2=0.999, anchor=anchor, mask=mask,
+      output_axes=output_axes, layer_axis=layer_axis, axis_name=axis_name,
+      update_of_moments=update_of_moments)
 
 
 def sgd_ftp(

@@ -194,7 +194,7 @@ def _selective_projection_decay(
       if anchor is None:
         arrays = arrays[:2] + arrays[3:]
         terms_fn = lambda g, p, *rest, fn=terms_fn: fn(g, p, None, *rest)
-      if moment is not None and _common.loops_over_chunks(param.size, kept):
+      if moment is not None and _common.loops_over_chunks(param, kept):
         # The moments too are written in the sums' loop, a chunk at a time:
         # one read of the gradient, params, anchor and old moments, one
         # write of the new moments.
@@ -306,7 +306,8 @@ class _MomentsRule(NamedTuple):
   Attributes:
     moments: params-shaped: per leaf `(new_mu, new_nu, old_mu, old_nu)`, or
       None where the base update cannot be recomputed from the new moments.
-    leaf_update: `(mu, nu, grad) -> update`, the base update from new moments.
+    leaf_update: `(mu, nu, grad, param=None) -> update`, the base update
+      from new moments (AdamW's needs the params).
     moment_step: `(grad, mu, nu) -> (mu, nu)`, the moments' own update.
     with_moments: `(base_state, mu, nu) -> base_state` with those moments.
   """
@@ -318,7 +319,7 @@ class _MomentsRule(NamedTuple):
 
 
 def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, mu_dtype,
-                            nesterov):
+                            nesterov, weight_decay=None):
   """`optax.adam`'s update, leaf by leaf, from the moments it has just stored.
 
   The same operations as `optax.scale_by_adam` then
@@ -326,18 +327,21 @@ def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, mu_dtype,
   differently inside the sums' loop than in the update: last bits of the
   sums). A leaf whose stored moments were cast from the values the update
   used (`mu_dtype`, or a gradient wider than the moments) gets None: its sums
-  read the base update instead.
+  read the base update instead. With `weight_decay`, the update is
+  `optax.adamw`'s (unmasked): `leaf_update` then needs the leaf's params.
   """
   scale = optax.scale_by_learning_rate(learning_rate)
+  decayed = (None if weight_decay is None
+             else optax.add_decayed_weights(weight_decay))
   adam = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype,
                              nesterov=nesterov)
 
   def update_of_moments(grads, base_state, new_base_state):
-    adam_state, scale_state = base_state
+    adam_state, scale_state = base_state[0], base_state[-1]
     new_adam_state = new_base_state[0]
     count = new_adam_state.count
 
-    def leaf_update(mu, nu, grad):
+    def leaf_update(mu, nu, grad, param=None):
       if nesterov:
         mu_hat = (b1 * optax.tree.bias_correction(
             mu, b1, optax.safe_increment(count))
@@ -346,6 +350,8 @@ def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, mu_dtype,
         mu_hat = optax.tree.bias_correction(mu, b1, count)
       nu_hat = optax.tree.bias_correction(nu, b2, count)
       update = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+      if decayed is not None:
+        update = decayed.update(update, base_state[1], param)[0]
       return scale.update(update, scale_state)[0]
 
     def moment_step(grad, mu, nu):

@@ -7,8 +7,13 @@ update in a second. These tests prove that this is still SPD around
 `optax.adam` (the same decisions as the generic wrapper and its values to
 the last bits in float32, to 1e-10 in float64 and against the float64
 reference), that the chunked sums are the sums, and that the compiled step
-keeps no leaf-sized temporary.
+keeps no leaf-sized temporary. `adam_ftp`'s loop (moments, the deviation
+and its row norms, `_common.reduce_rows_writing`) is checked against
+`fast_trainable_projection(optax.adamw(...))` the same way; and a leaf split
+across devices is never looped over (XLA would gather it on every device).
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +32,8 @@ CHUNK = 1 << 14
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
   monkeypatch.setattr(_common, '_SUM_CHUNK', CHUNK)
+  # CI fakes 8 devices, where the loops are off: these leaves are not split.
+  monkeypatch.setattr(_common, '_LOOP_ON_MANY_DEVICES', True)
 
 # Leaves of more than two chunks (the loop runs), one with a tail of whole
 # 8-element rows, one with a ragged tail, and a small one (no loop).
@@ -72,10 +79,10 @@ def assert_bitwise(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def assert_close(a, b, atol):
+def assert_close(a, b, atol, rtol=0):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x, np.float64),
-                               np.asarray(y, np.float64), rtol=0, atol=atol)
+                               np.asarray(y, np.float64), rtol=rtol, atol=atol)
 
 
 # The alias against the generic wrapper in float32: the same decisions every
@@ -198,3 +205,122 @@ def test_donated_step_keeps_no_leaf_sized_temporary():
   assert temporaries(spd.selective_projection_decay(optax.adam(1e-3), 0.5)
                      ) >= leaf_bytes
   assert temporaries(spd.adam_spd(1e-3, 0.5)) < leaf_bytes // 50
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason='needs 8 (faked) devices')
+@pytest.mark.parametrize('axis_type', ['Auto', 'Explicit'])
+@pytest.mark.parametrize('spec', [jax.P(None, 'fsdp'), jax.P('fsdp', None)])
+def test_sharded_step_gathers_no_leaf(monkeypatch, axis_type, spec):
+  """An FSDP-split leaf is not gathered onto every device (SPD and FTP).
+
+  The chunk loops index a leaf as one flat buffer, which XLA's partitioner
+  can only do by gathering it (and its moments) whole on each device; with
+  more than one device they are off, and each device reads its own block.
+  """
+  monkeypatch.setattr(_common, '_LOOP_ON_MANY_DEVICES', False)
+  mesh = jax.make_mesh((8,), ('fsdp',),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  shape = (256, 8 * CHUNK // 256)  # 8 chunks: the loop's size
+  leaf_elements = shape[0] * shape[1]
+  params = {'kernel': jax.device_put(jnp.full(shape, 0.01, jnp.float32),
+                                     jax.NamedSharding(mesh, spec))}
+  for opt in (spd.adam_spd(1e-3, 0.5),
+              spd.selective_projection_decay(optax.adam(1e-3), 0.5),
+              spd.adam_ftp(1e-3)):
+    state = opt.init(params)
+
+    def step(params, state, grads, opt=opt):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        params, state, params).compile()
+    hlo = compiled.as_text()
+    gathered = [
+        np.prod([int(d) for d in dims.split(',') if d], dtype=np.int64)
+        for dims in re.findall(r'= \w+\[([\d,]*)\]\S* all-gather\(', hlo)]
+    assert all(size < leaf_elements // 8 for size in gathered), gathered
+    assert (compiled.memory_analysis().temp_size_in_bytes
+            < leaf_elements * 4 // 4)
+    new_params, _ = jax.jit(step)(params, state, params)
+    # Adam's first step is -lr sign(g); SPD does not decay at the first
+    # step, and FTP's radius starts at 1e-8 (the params stay at the anchor).
+    moved = 0.0 if isinstance(state, spd.FastTrainableProjectionState) else 1e-3
+    np.testing.assert_allclose(np.asarray(new_params['kernel']), 0.01 - moved,
+                               rtol=1e-4)
+
+
+def test_chunk_loops_run_only_on_one_device(monkeypatch):
+  """With several devices and the switch off, no leaf is looped over; with
+  one device, or the switch on, a large unsplit leaf is."""
+  leaf = jnp.zeros((8 * CHUNK,), jnp.float32)
+  assert _common.loops_over_chunks(leaf, ())
+  monkeypatch.setattr(_common, '_LOOP_ON_MANY_DEVICES', False)
+  assert _common.loops_over_chunks(leaf, ()) == (jax.device_count() == 1)
+
+
+# adam_ftp's leaves: a Dense kernel and an attention kernel (output axes
+# (1, 2)) the chunk loop takes, one whose leading axis does not split into
+# equal chunks, and a bias (a single row).
+FTP_SHAPES = {'dense': (CHUNK // 256 * 2 + 37, 256), 'att': (64, 8, 64),
+              'ragged': (3, CHUNK + 1001), 'b': (17,)}
+FTP_AXES = lambda path, shape: (1, 2) if path[-1] == 'att' else -1
+
+
+def run_ftp(opt, steps, dtype, zero_anchor=False):
+  rng = np.random.default_rng(0)
+  params = {k: np.asarray(0.02 * rng.normal(size=s), dtype)
+            for k, s in FTP_SHAPES.items()}
+  noise = {k: np.asarray(rng.normal(size=s), dtype)
+           for k, s in FTP_SHAPES.items()}
+  anchor = jax.tree.map(np.zeros_like, params) if zero_anchor else params
+  state = opt.init(jax.tree.map(jnp.asarray, params))
+  step_fn = jax.jit(opt.update)
+  history, states = [], []
+  for t in range(steps):
+    grads = jax.tree.map(lambda g: np.asarray(g, dtype),
+                         gradients(params, anchor, noise, t))
+    updates, state = step_fn(grads, state, params)
+    params = jax.tree.map(lambda p, u: np.asarray(p + u, dtype), params,
+                          updates)
+    history.append(params)
+    states.append(state)
+  return history, states
+
+
+@pytest.mark.parametrize('config', [
+    dict(), dict(weight_decay=0.01), dict(anchor='zero'),
+    dict(nesterov=True, learning_rate=optax.linear_schedule(0.05, 0.01, 5))])
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_adam_ftp_is_ftp_around_optax_adamw(config, dtype):
+  """The looped adam_ftp is FTP around optax.adamw: same radii and params to
+  float32 rounding (1e-10 in float64), on leaves the loop takes and not."""
+  config = dict(config)
+  learning_rate = config.pop('learning_rate', 0.05)
+  anchor = config.pop('anchor', 'init')
+  fused = spd.adam_ftp(learning_rate, output_axes=FTP_AXES, anchor=anchor,
+                       **config)
+  # adam_ftp's decay defaults to none, optax.adamw's to 1e-4.
+  generic = spd.fast_trainable_projection(
+      optax.adamw(learning_rate, **{'weight_decay': 0.0, **config}),
+      output_axes=FTP_AXES, anchor=anchor)
+  with jax.enable_x64(dtype == np.float64):
+    params = {k: jnp.zeros(s, dtype) for k, s in FTP_SHAPES.items()}
+    jaxpr = str(jax.make_jaxpr(fused.update)(params, fused.init(params),
+                                             params))
+    loops = jaxpr.count('while[') + jaxpr.count('scan[')
+    assert loops == 2, 'dense and att loop, the others not'
+    history, states = run_ftp(fused, 6, dtype, anchor == 'zero')
+    expected, expected_states = run_ftp(generic, 6, dtype, anchor == 'zero')
+  # Float32: XLA rounds Adam's scalar factors differently in the two
+  # programs (as for adam_spd); the inverse norms of short rows (3 elements
+  # in `ragged`) amplify that.
+  atol = 1e-6 if dtype == np.float32 else 1e-10
+  for got, want in zip(states, expected_states):
+    assert_close(got.gamma, want.gamma, atol)
+    assert_close(got.s_prev, want.s_prev, 0, rtol=100 * atol)
+    assert_close(got.c_prev, want.c_prev, atol)
+    assert_close(got.base_optimizer_state, want.base_optimizer_state, atol)
+  assert_close(history, expected, atol)
+  # The radius moved: the comparison is not of two frozen projections.
+  assert len({float(np.asarray(s.gamma['dense'])) for s in states}) > 3
