@@ -491,7 +491,9 @@ def run_study(config: configs.Config) -> dict[str, Any]:
              else (config.optimizer,))
   if config.lora_rank and config.optimizer == 'all':
     methods = configs.LORA_METHODS
-  wise = 'adamw' in methods and not config.lora_rank
+  # WiSE-FT averages on the host: one process (several hold only shards).
+  wise = ('adamw' in methods and not config.lora_rank
+          and jax.process_count() == 1)
   runs: dict[str, list[dict[str, Any]]] = {}
   sweep = {m: {v: [] for v in grid} for m, grid in (config.sweep or {}).items()}
   for i, (seed, records) in enumerate(zip(seeds, train_sets)):
