@@ -337,12 +337,7 @@ def _fast_trainable_projection(
     new_updates, gamma, gamma_m, gamma_v, c_prev, s_prev, written = (
         _common.unzip(results, params, 7))
     if rule is not None:
-      # The moments the loop wrote replace the base optimizer's.
-      base_mu = jax.tree.map(lambda _, w, m: m if w is None else w[0],
-                             params, written, base_state[0].mu)
-      base_nu = jax.tree.map(lambda _, w, v: v if w is None else w[1],
-                             params, written, base_state[0].nu)
-      base_state = rule.with_moments(base_state, base_mu, base_nu)
+      base_state = rule.with_written(base_state, params, written)
     return new_updates, FastTrainableProjectionState(
         count=optax.safe_increment(state.count),
         base_optimizer_state=base_state,

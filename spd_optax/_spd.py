@@ -227,12 +227,7 @@ def _selective_projection_decay(
                            moments, mask_tree, kept_axes, axis_names)
     new_updates, selected, ratio, written = _common.unzip(results, params, 4)
     if rule is not None:
-      # The moments the loop wrote replace the base optimizer's.
-      base_mu = jax.tree.map(lambda _, w, m: m if w is None else w[0],
-                             params, written, base_state[0].mu)
-      base_nu = jax.tree.map(lambda _, w, v: v if w is None else w[1],
-                             params, written, base_state[0].nu)
-      base_state = rule.with_moments(base_state, base_mu, base_nu)
+      base_state = rule.with_written(base_state, params, written)
     return new_updates, SelectiveProjectionDecayState(
         count=optax.safe_increment(state.count),
         base_optimizer_state=base_state,
@@ -309,13 +304,15 @@ class _MomentsRule(NamedTuple):
     leaf_update: `(mu, nu, grad, param=None) -> update`, the base update
       from new moments (AdamW's needs the params).
     moment_step: `(grad, mu, nu) -> (mu, nu)`, the moments' own update.
-    with_moments: `(base_state, mu, nu) -> base_state` with those moments.
+    with_written: `(base_state, params, written) -> base_state`, the moments
+      a loop wrote (per leaf `(mu, nu)`, None where it wrote none) in place
+      of the base optimizer's.
   """
 
   moments: Any
   leaf_update: Any
   moment_step: Any
-  with_moments: Any
+  with_written: Any
 
 
 def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, mu_dtype,
@@ -363,11 +360,15 @@ def _adam_update_of_moments(learning_rate, b1, b2, eps, eps_root, mu_dtype,
                and new_nu.dtype == jnp.promote_types(grad.dtype, old_nu.dtype))
       return (new_mu, new_nu, old_mu, old_nu) if exact else None
 
-    def with_moments(state, mu, nu):
+    def with_written(state, params, written):
+      mu = jax.tree.map(lambda _, w, m: m if w is None else w[0],
+                        params, written, state[0].mu)
+      nu = jax.tree.map(lambda _, w, v: v if w is None else w[1],
+                        params, written, state[0].nu)
       return (state[0]._replace(mu=mu, nu=nu),) + tuple(state[1:])
 
     moments = jax.tree.map(leaf_moments, grads, new_adam_state.mu,
                            new_adam_state.nu, adam_state.mu, adam_state.nu)
-    return _MomentsRule(moments, leaf_update, moment_step, with_moments)
+    return _MomentsRule(moments, leaf_update, moment_step, with_written)
 
   return update_of_moments
