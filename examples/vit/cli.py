@@ -76,8 +76,8 @@ def make_parser() -> argparse.ArgumentParser:
           'flags: pre-trains a small ViT on scikit-learn digits in six '
           'domains (cached), fine-tunes it on a few "clean" digits with each '
           'method for 3 seeds and reports accuracy on every domain (mean +- '
-          'std), at most about 10 minutes on 2 busy CPU cores (5 once '
-          'cached).'),
+          'std): 4 minutes on 2 idle CPU cores, pre-training included '
+          '(about 10 on busy ones).'),
       formatter_class=_HelpFormatter)
   a = parser.add_argument
   a('--model', default=d.model, choices=sorted(models.VIT_CONFIGS),

@@ -1,7 +1,7 @@
 r"""Robust fine-tuning of a ViT with AdamW, L2-SP, Adam-SPD, Adam-FTP, LP-FT.
 
-The default study, from the repository root (10 minutes on 2 busy CPU cores,
-5 once the pre-trained model is cached)::
+The default study, from the repository root (4 minutes on 2 idle CPU cores,
+pre-training included; about 10 on busy ones)::
 
   python -m examples.vit.train
 
