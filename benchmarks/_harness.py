@@ -230,6 +230,22 @@ def optimizer_step(opt):
   return step
 
 
+def compiled_memory(compiled) -> dict[str, int]:
+  """XLA's memory analysis of a compiled program, and its peak.
+
+  Peak = arguments + outputs - the outputs aliased to (donated) arguments +
+  temporaries.
+  """
+  analysis = compiled.memory_analysis()
+  sizes = dict(argument_bytes=analysis.argument_size_in_bytes,
+               output_bytes=analysis.output_size_in_bytes,
+               alias_bytes=analysis.alias_size_in_bytes,
+               temp_bytes=analysis.temp_size_in_bytes)
+  sizes['peak_bytes'] = (sizes['argument_bytes'] + sizes['output_bytes']
+                         - sizes['alias_bytes'] + sizes['temp_bytes'])
+  return sizes
+
+
 def abstract_state(opt, params):
   return jax.eval_shape(opt.init, params)
 

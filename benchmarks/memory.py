@@ -102,15 +102,12 @@ def step_rows(params_abstract, methods, measure_device):
     step = _harness.optimizer_step(opt)
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
         params_abstract, state, params_abstract).compile()
-    analysis = compiled.memory_analysis()
-    argument = analysis.argument_size_in_bytes
-    output = analysis.output_size_in_bytes
-    alias = analysis.alias_size_in_bytes
-    temp = analysis.temp_size_in_bytes
-    peak = argument + output - alias + temp
-    row = dict(method=method.name, arguments_x=argument / param_bytes,
-               temp_x=temp / param_bytes, peak_x=peak / param_bytes,
-               peak_mib=peak / 2**20)
+    sizes = _harness.compiled_memory(compiled)
+    peak = sizes['peak_bytes']
+    row = dict(method=method.name,
+               arguments_x=sizes['argument_bytes'] / param_bytes,
+               temp_x=sizes['temp_bytes'] / param_bytes,
+               peak_x=peak / param_bytes, peak_mib=peak / 2**20)
     if measure_device:
       row['device_peak_x'] = _device_peak(compiled, opt, params_abstract) / (
           param_bytes)

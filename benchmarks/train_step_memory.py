@@ -90,17 +90,10 @@ def abstract_state_after(model, params, config: configs.Config, method):
 
 
 def analyse(compiled, param_bytes: int) -> dict[str, Any]:
-  analysis = compiled.memory_analysis()
-  argument = analysis.argument_size_in_bytes
-  output = analysis.output_size_in_bytes
-  alias = analysis.alias_size_in_bytes
-  temp = analysis.temp_size_in_bytes
-  peak = argument + output - alias + temp
-  return dict(argument_bytes=argument, output_bytes=output, alias_bytes=alias,
-              temp_bytes=temp, peak_bytes=peak, peak_x=peak / param_bytes,
-              argument_x=argument / param_bytes,
-              output_x=output / param_bytes, alias_x=alias / param_bytes,
-              temp_x=temp / param_bytes)
+  sizes = _harness.compiled_memory(compiled)
+  multiples = {key.replace('_bytes', '_x'): value / param_bytes
+               for key, value in sizes.items()}
+  return dict(sizes, **multiples)
 
 
 def measure(model_name: str, image_size: int, batch_size: int,
