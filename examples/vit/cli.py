@@ -199,10 +199,56 @@ def make_parser() -> argparse.ArgumentParser:
     help='LoRA scale alpha (the update is alpha / R * A @ B).')
   a('--lora-mlp', action='store_true',
     help='adapters on the MLP kernels too.')
+  g = parser.add_argument_group(
+      'several processes (hosts), preemption, a lost host')
+  a = g.add_argument
   a('--distributed', action='store_true',
-    help='multi-host: call jax.distributed.initialize(); each host reads '
-    'its slice of every batch; process 0 writes logs, results and plots.')
+    help='one process per host (or per GPU): call '
+    'jax.distributed.initialize() with the flags below, or where they are '
+    'left out with what JAX detects (TPU, SLURM, Open MPI); each process '
+    'reads its slice of every batch and writes its part of each '
+    'checkpoint; process 0 writes logs, results and plots. On one machine: '
+    'python -m examples.vit.launch.')
+  a('--coordinator-address', default=d.coordinator_address,
+    metavar='HOST:PORT',
+    help='process 0\'s address and a free port there (implies '
+    '--distributed).')
+  a('--num-processes', type=int, default=d.num_processes, metavar='N',
+    help='how many processes (implies --distributed).')
+  a('--process-id', type=int, default=d.process_id, metavar='I',
+    help='this process, 0 to N - 1 (implies --distributed).')
+  a('--local-device-ids', default=None, metavar='ID,ID,...',
+    help='the local devices this process uses, e.g. "0" for one GPU per '
+    'process (implies --distributed). Default: all of them.')
+  a('--heartbeat-timeout', type=int, default=d.heartbeat_timeout,
+    metavar='SECONDS',
+    help='a process silent this long is taken as lost and the job stops '
+    '(jax.distributed.initialize\'s heartbeat_timeout_seconds; JAX\'s '
+    'default: 100). Implies --distributed.')
   return parser
+
+
+def check_distributed(config: configs.Config) -> None:
+  """Any of the process flags implies `--distributed`; checks them."""
+  given = [flag for flag in ('coordinator_address', 'num_processes',
+                             'process_id', 'local_device_ids',
+                             'heartbeat_timeout')
+           if getattr(config, flag) is not None]
+  if given:
+    config.distributed = True
+  for flag in ('num_processes', 'heartbeat_timeout'):
+    if getattr(config, flag) is not None and getattr(config, flag) <= 0:
+      raise configs.UsageError(
+          f'--{flag.replace("_", "-")} must be positive.')
+  if config.process_id is not None:
+    if config.num_processes is None:
+      raise configs.UsageError('--process-id needs --num-processes.')
+    if not 0 <= config.process_id < config.num_processes:
+      raise configs.UsageError(
+          f'--process-id {config.process_id} is not in [0, '
+          f'{config.num_processes}).')
+  if config.local_device_ids is not None and not config.local_device_ids:
+    raise configs.UsageError('--local-device-ids names no device.')
 
 
 def parse_config(argv: Sequence[str] | None) -> configs.Config:
@@ -213,7 +259,16 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
   values['wise_alphas'] = parse_floats('--wise-alphas', values['wise_alphas'])
   if values['sweep'] is not None:
     values['sweep'] = parse_sweep(values['sweep'])
+  if values['local_device_ids'] is not None:
+    try:
+      values['local_device_ids'] = [
+          int(x) for x in values['local_device_ids'].split(',') if x.strip()]
+    except ValueError:
+      raise configs.UsageError(
+          f'--local-device-ids {values["local_device_ids"]!r} is not a list '
+          'of device numbers ID,ID,... .') from None
   config = configs.Config(**values)
+  check_distributed(config)
   if weight_decay is not None:
     config.weight_decay = parse_weight_decay(weight_decay, config.weight_decay)
   if config.checkpoint is not None:

@@ -78,4 +78,11 @@ class Config:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_mlp: bool = False
+  # Several processes (`jax.distributed.initialize`); None: JAX's own cluster
+  # detection (TPU, SLURM, Open MPI) or its default.
   distributed: bool = False
+  coordinator_address: str | None = None  # "host:port" of process 0
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: list[int] | None = None
+  heartbeat_timeout: int | None = None  # seconds; JAX's default is 100

@@ -17,6 +17,26 @@ import spd_optax as spd
 from examples.vit import configs
 
 
+def initialize_distributed(config: configs.Config) -> None:
+  """Joins this process to the others (`jax.distributed.initialize`).
+
+  The flags left out (`--coordinator-address`, `--num-processes`,
+  `--process-id`, `--local-device-ids`) are JAX's to detect (TPU, SLURM,
+  Open MPI). `--heartbeat-timeout` bounds how long the others keep going
+  after a process is lost. CPU processes talk through gloo (collectives
+  over TCP), which the CPU backend needs for more than one process.
+  """
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  given = {'coordinator_address': config.coordinator_address,
+           'num_processes': config.num_processes,
+           'process_id': config.process_id,
+           'local_device_ids': config.local_device_ids}
+  kwargs = {name: value for name, value in given.items() if value is not None}
+  if config.heartbeat_timeout is not None:
+    kwargs['heartbeat_timeout_seconds'] = config.heartbeat_timeout
+  jax.distributed.initialize(**kwargs)
+
+
 def make_mesh(config: configs.Config) -> Mesh:
   """A `(data, fsdp)` mesh of the devices; batches are split over both axes.
 

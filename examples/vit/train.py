@@ -56,24 +56,54 @@ from examples.vit import study
 from examples.vit import train_loop
 
 
+# Exit statuses besides 0 (and 1, an unexpected error's traceback).
+USAGE = 2  # a usage, data or resume error: one line on stderr
+STOPPED = 3  # --stop-after
+PREEMPTED = 4  # SIGTERM: the step's checkpoint written; the command resumes
+LOST = 5  # another process was lost: resume from the last checkpoint
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the study with the flags in `argv`; returns what results.json holds.
 
   A usage or data error prints one line on stderr and exits with status 2.
+  On SIGTERM (a preemption notice), every process finishes its step, the
+  step's checkpoint is written (`--workdir`) and the program exits with
+  status 4 and one line; the same command resumes. When another process is
+  lost (its collectives fail), one line names it and the last complete
+  checkpoint, and the process exits at once with status 5.
   """
+  config = None
   try:
     config = cli.parse_config(argv)
     if config.distributed:
-      jax.distributed.initialize()
+      devices.initialize_distributed(config)
     results = study.run_study(config)
   except (configs.UsageError, models.CheckpointError,
           input_pipeline.DataError, checkpointing.ResumeError) as error:
     print(f'error: {error}', file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(USAGE) from None
   except train_loop.Stopped as stop:
     print(f'stopped after step {stop.args[0]} (--stop-after); run the same '
           'command again to resume.', file=sys.stderr)
-    raise SystemExit(3) from None
+    raise SystemExit(STOPPED) from None
+  except train_loop.Preempted as preempted:
+    step, workdir = preempted.args
+    if workdir is None:
+      print(f'preempted at step {step}; nothing saved (no --workdir): the '
+            'same command starts again.', file=sys.stderr)
+    else:
+      print(f'preempted at step {step}; run the same command to resume.',
+            file=sys.stderr)
+    raise SystemExit(PREEMPTED) from None
+  except jax.errors.JaxRuntimeError as error:
+    if jax.process_count() == 1:
+      raise
+    print(lost_process_line(error, config), file=sys.stderr)
+    # Not `exit`: its shutdown would wait for the lost process, then abort.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(LOST)  # pylint: disable=protected-access
   if not devices.is_writer():
     return results
   os.makedirs(config.results_dir, exist_ok=True)
@@ -84,6 +114,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print(f'\nresults: {os.path.abspath(config.results_dir)} '
         f'(results.json, {", ".join(os.path.basename(p) for p in figures)})')
   return results
+
+
+def lost_process_line(error: BaseException,
+                      config: configs.Config | None) -> str:
+  """The one line a process prints when a collective with the others fails:
+  what failed and the last complete checkpoint to resume from."""
+  what = ' '.join(str(error).split())[:200]
+  where = 'no --workdir: nothing to resume from'
+  if config is not None and config.workdir is not None:
+    latest = checkpointing.last_complete_checkpoint(config.workdir)
+    where = (f'no complete checkpoint yet in {os.path.abspath(config.workdir)}'
+             if latest is None else
+             f'last complete checkpoint: step {latest[1]} in {latest[0]}')
+  return (f'process {jax.process_index()}: lost another process ({what}); '
+          f'{where}; run the same command to resume.')
 
 
 if __name__ == '__main__':

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -22,6 +23,54 @@ from examples.vit import train_step as train_step_lib
 
 class Stopped(Exception):
   """Raised by --stop-after once that step's checkpoint is written."""
+
+
+class Preempted(Exception):
+  """Raised after a preemption notice, once the step's checkpoint is written.
+
+  `args`: the step, and the checkpoint's folder (None without `--workdir`).
+  """
+
+
+class PreemptionNotice:
+  """SIGTERM, the notice a preemptible VM, SLURM or Kubernetes sends before
+  it stops a job, asked about between steps.
+
+  One process: a handler that only records the signal. Several (after
+  `jax.distributed.initialize`): JAX's preemption service catches SIGTERM
+  itself and agrees with every process on the step to stop after (orbax's
+  `reached_preemption`: the first step after the notice that every
+  process reaches), so they all stop and save at the same step. Its
+  step count runs on through every loop of the study (each loop's own
+  steps start again at 1), the same on every process.
+  """
+
+  def __init__(self):
+    self.received = False
+    self.checks = 0
+    self.installed = False
+
+  def install(self) -> None:
+    """Listens for SIGTERM (once; with several processes JAX does)."""
+    if self.installed or jax.process_count() > 1:
+      return
+    signal.signal(signal.SIGTERM, self._record)
+    self.installed = True
+
+  def _record(self, signum, frame) -> None:
+    del signum, frame
+    self.received = True
+
+  def reached(self) -> bool:
+    """Whether to stop after the step just run (every process agrees)."""
+    self.checks += 1
+    if jax.process_count() > 1:
+      return ocp.multihost.reached_preemption(self.checks)
+    return self.received
+
+
+# The process's SIGTERM: one per process, as signals are.
+preemption = PreemptionNotice()
 
 
 _STACKED = '/'.join(models.STACKED_BLOCKS) + '/'
@@ -113,7 +162,9 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
     manager, state, saved = checkpointing.open_workdir(
         workdir, fingerprint or {}, state, batches, shardings, mesh)
     history = saved or history
+  pending = history.pop('window', None)  # Steps run before the resume.
   start = int(state.step)
+  preemption.install()
   log = MetricsLog(metrics_path, start)
   window = []
   bar = tqdm.tqdm(total=steps, initial=start, desc=desc, disable=config.quiet,
@@ -121,6 +172,9 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
   for step in range(start + 1, steps + 1):
     state, metrics = step_fn(
         state, devices.global_batch(next(batches), data_sharding))
+    if pending:
+      window = window_from_json(pending, metrics)
+      pending = None
     window.append(metrics)
     if step % config.log_every == 0 or step == steps:
       _log_window(history, jax.device_get(window),
@@ -130,15 +184,26 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
                       acc=f'{history["accuracy"][-1]:.2f}')
       bar.update(step - bar.n)
       window = []
+    preempted = preemption.reached()
     if manager is not None and (step % config.checkpoint_every == 0
-                                or step == steps):
+                                or step == steps or preempted):
       # Orbax copies the arrays to the host before `save` returns, so the
       # next step may donate them.
       manager.save(step, args=ocp.args.StandardSave(
           checkpointing.checkpoint_item(state, batches)), force=True)
       if devices.is_writer():
+        # With the steps since the last logged one, so that a resumed run
+        # logs the same means.
+        record = dict(history, window=window_to_json(jax.device_get(window)))
         (epath.Path(os.path.abspath(workdir)) / f'history_{step}.json'
-         ).write_text(json.dumps(history))
+         ).write_text(json.dumps(record))
+    if preempted:
+      if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+      bar.close()
+      raise Preempted(step, None if workdir is None
+                      else os.path.abspath(workdir))
     if config.stop_after is not None and step - start == config.stop_after:
       if manager is not None:  # As if killed: later steps are not saved.
         manager.wait_until_finished()
@@ -150,6 +215,19 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
     manager.close()
   bar.close()
   return state, history
+
+
+def window_to_json(window) -> list[list[dict[str, Any]]]:
+  """The metrics of unlogged steps as JSON: each step's leaves, exactly."""
+  return [[{'dtype': np.asarray(x).dtype.str, 'value': np.asarray(x).tolist()}
+           for x in jax.tree.leaves(metrics)] for metrics in window]
+
+
+def window_from_json(saved, like) -> list[Any]:
+  """`window_to_json`'s steps back, in the structure of the metrics `like`."""
+  treedef = jax.tree.structure(like)
+  return [treedef.unflatten([np.asarray(x['value'], x['dtype']) for x in m])
+          for m in saved]
 
 
 def _log_window(history, window, logged, step, schedule,
