@@ -188,7 +188,8 @@ def split_documents(documents: Mapping[str, str], *,
   documents are taken in a second hash order (a spread over the names, not
   the alphabetically first ones) while they fit whole: the train side gets
   at most `(1 - heldout_fraction) * max_bytes` UTF-8 bytes, the held-out side
-  at most `heldout_fraction * max_bytes`.
+  at most `heldout_fraction * max_bytes`, counting the newline that joins
+  each document to the next.
 
   Args:
     documents: `{name: text}`.
@@ -215,7 +216,7 @@ def split_documents(documents: Mapping[str, str], *,
   taken, used = ([], []), [0, 0]
   for name in sorted(documents, key=lambda n: hashes[n][1]):
     side = int(hashes[name][0] < heldout_fraction)
-    size = len(documents[name].encode('utf-8'))
+    size = len(documents[name].encode('utf-8')) + 1  # and a newline
     if used[side] + size <= budget[side]:
       taken[side].append(name)
       used[side] += size
