@@ -230,8 +230,8 @@ def test_sft_loss_mask_covers_exactly_the_response_and_eos():
                           for k in ('tokens', 'mask', 'loss_mask'))
     assert list(tokens[loss]) == (TOKENIZER.encode(record['output'])
                                   + [TOKENIZER.eos_id])
-    assert list(tokens[mask & ~loss]) == ([TOKENIZER.bos_id]
-                                          + TOKENIZER.encode(data.prompt(record)))
+    prompt_tokens = TOKENIZER.encode(data.prompt(record))
+    assert list(tokens[mask & ~loss]) == [TOKENIZER.bos_id] + prompt_tokens
     assert mask[:mask.sum()].all() and not (loss & ~mask).any()
     assert (tokens[~mask] == TOKENIZER.pad_id).all()
 
@@ -402,7 +402,8 @@ def test_bad_scorer_inputs_stop_with_one_line(tmp_path):
 
 def test_batched_scorer_equals_one_unpadded_sequence_at_a_time_on_llama3():
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from tunix.models.llama3 import model as llama3  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tunix.models.llama3 import model as llama3
   config = llama3.ModelConfig(
       num_layers=2, vocab_size=TOKENIZER.vocab_size, embed_dim=32,
       hidden_dim=64, num_heads=2, head_dim=16, num_kv_heads=1,

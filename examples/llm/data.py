@@ -184,12 +184,12 @@ def split_documents(documents: Mapping[str, str], *,
 
   A document is held out when a hash of its name (of its group's name, if
   `groups` is given) falls below `heldout_fraction`, so its side depends on
-  that name alone (not on the budget, nor on which other documents exist). Within the budget,
-  documents are taken in a second hash order (a spread over the names, not
-  the alphabetically first ones) while they fit whole: the train side gets
-  at most `(1 - heldout_fraction) * max_bytes` UTF-8 bytes, the held-out side
-  at most `heldout_fraction * max_bytes`, counting the newline that joins
-  each document to the next.
+  that name alone (not on the budget, nor on which other documents exist).
+  Within the budget, documents are taken in a second hash order (a spread
+  over the names, not the alphabetically first ones) while they fit whole:
+  the train side gets at most `(1 - heldout_fraction) * max_bytes` UTF-8
+  bytes, the held-out side at most `heldout_fraction * max_bytes`, counting
+  the newline that joins each document to the next.
 
   Args:
     documents: `{name: text}`.
@@ -351,7 +351,8 @@ def lm_eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int,
     if empty:
       batch_tokens = np.concatenate(
           [batch_tokens, np.full((empty, seq_len), pad_id, np.int32)])
-      batch_mask = np.concatenate([batch_mask, np.zeros((empty, seq_len), bool)])
+      batch_mask = np.concatenate([batch_mask,
+                                   np.zeros((empty, seq_len), bool)])
     yield {'tokens': batch_tokens, 'mask': batch_mask}
 
 
