@@ -1,14 +1,16 @@
 """One process of the multi-process tests: SPD and FTP steps on a global mesh.
 
 `tests/test_multiprocess.py` starts this file in N real JAX processes on
-localhost (`tests/multiprocess.py`); each joins the others with
-`jax.distributed.initialize` and the gloo CPU collectives, steps every
-optimizer in every layout on a mesh of all the processes' devices, and saves
-what it gathered back to its host. The test runs the very same function,
-`run_layouts`, in its own process on as many devices, for the reference.
+localhost (`tests/multiprocess_launch.py`); each joins the others with
+`jax.distributed.initialize` and the gloo CPU collectives, steps each
+optimizer in its layouts (`CASES`) on a mesh of all the processes' devices,
+and saves what it gathered back to its host (and what it saw: process count,
+devices). The test runs the very same function, `run_layouts`, in its own
+process on as many devices, for the reference.
 
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python tests/multiprocess_worker.py --coordinator-address 127.0.0.1:PORT \
-        --num-processes 2 --process-id 0 --out DIR
+        --num-processes 2 --process-id 0 --out DIR [--checkpoint-dir DIR]
 """
 
 import argparse
@@ -17,7 +19,7 @@ import os
 import sys
 import time
 
-_START = time.monotonic()
+_START = time.monotonic()  # Before JAX's import: what a process start costs.
 
 import jax
 import jax.numpy as jnp

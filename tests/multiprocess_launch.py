@@ -145,8 +145,9 @@ class LocalProcesses:
       if failed:
         self.kill()
         raise ProcessesFailed(
-            f'process {failed[0]} of {self.num_processes} failed; killed the '
-            f'others.\n{self.report()}')
+            f'process {" and ".join(map(str, failed))} of '
+            f'{self.num_processes} failed; killed the others.\n'
+            f'{self.report()}')
       if all(status == 0 for status in statuses):
         return
       if time.monotonic() > deadline:
