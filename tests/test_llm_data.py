@@ -419,8 +419,11 @@ def test_batched_scorer_equals_one_unpadded_sequence_at_a_time_on_llama3():
         tokens, positions, None, causal & mask[:, None, :])
     return jax.nn.log_softmax(logits.astype(jnp.float32))
 
-  records = ARC[:3] + [_question('ARC-Easy', ['answer1', 'answer2'],
-                                 'answer2', 'A longer question, ' * 5)]
+  # Rows of 360 to 410 tokens: one padded shape (512), one compilation.
+  records = [dict(r, instruction='A longer question, ' * 5 + r['instruction'])
+             for r in ARC[:3]]
+  records.append(_question('ARC-Easy', ['answer1', 'answer2'], 'answer2',
+                           'The longest question, ' * 7))
   logprob_fn = jax.jit(functools.partial(logprobs, state))
   batched = scoring.score_multiple_choice(
       logprob_fn, TOKENIZER, records, 'ARC-Easy', batch_size=3, max_len=512)
