@@ -8,7 +8,7 @@ and saves what it gathered back to its host (and what it saw: process count,
 devices). The test runs the very same function, `run_layouts`, in its own
 process on as many devices, for the reference.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \
     python tests/multiprocess_worker.py --coordinator-address 127.0.0.1:PORT \
         --num-processes 2 --process-id 0 --out DIR [--checkpoint-dir DIR]
 """
@@ -289,10 +289,14 @@ def main(argv=None):
   results = run_layouts(jax.devices(), args.checkpoint_dir)
   seen['seconds'] = {'start_and_initialize': initialized - _START,
                      'run_layouts': time.monotonic() - initialized}
+  os.makedirs(args.out, exist_ok=True)
   name = os.path.join(args.out, f'process_{args.process_id}')
   np.savez(name + '.npz', **results)
   with open(name + '.json', 'w') as f:
     json.dump(seen, f)
+  print(f'process {jax.process_index()} of {jax.process_count()}, '
+        f'{jax.local_device_count()} of {jax.device_count()} devices: '
+        f'{len(results)} arrays in {name}.npz', flush=True)
   # Every process has its results before any leaves the collectives.
   multihost_utils.sync_global_devices('multiprocess_worker done')
   jax.distributed.shutdown()
