@@ -15,7 +15,10 @@ import shutil
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
-import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+import chex  # pylint: disable=g-import-not-at-top
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
@@ -74,9 +77,9 @@ def hf_config(family, **kw):
         vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128,
         **SIZES, **kw)
   # Six layers: five sliding-window ones (window 4 < 12 tokens), one global.
-  return transformers.Gemma3TextConfig(
-      vocab_size=VOCAB, num_hidden_layers=6, sliding_window=4,
-      query_pre_attn_scalar=16, **SIZES, **kw)
+  return transformers.Gemma3TextConfig(**{
+      'vocab_size': VOCAB, 'num_hidden_layers': 6, 'sliding_window': 4,
+      'query_pre_attn_scalar': 16, **SIZES, **kw})
 
 
 CAUSAL_LM = {'qwen3': transformers.Qwen3ForCausalLM,
@@ -84,7 +87,7 @@ CAUSAL_LM = {'qwen3': transformers.Qwen3ForCausalLM,
              'gemma3': transformers.Gemma3ForCausalLM}
 
 
-def save_model(folder, family, config, seed=0):
+def save_model(folder, family, config, seed=0, **save):
   """A random `transformers` model, every weight perturbed, saved."""
   torch.manual_seed(seed)
   config._attn_implementation = 'eager'  # pylint: disable=protected-access
@@ -92,7 +95,7 @@ def save_model(folder, family, config, seed=0):
   with torch.no_grad():
     for param in model.parameters():
       param.add_(0.2 * torch.randn_like(param))
-  model.save_pretrained(folder, safe_serialization=True)
+  model.save_pretrained(folder, safe_serialization=True, **save)
   save_tokenizer(folder, bos_token='<s>', eos_token='</s>', pad_token='<pad>')
   return model
 
@@ -113,8 +116,8 @@ def hf_logits(model, tokens, mask):
 
 def max_abs_diff(loaded, model):
   tokens, mask = batch()
-  ours = np.asarray(models.logits(loaded.model, jnp.asarray(tokens),
-                                  jnp.asarray(mask)))
+  ours = np.asarray(nnx.jit(models.logits)(loaded.model, jnp.asarray(tokens),
+                                           jnp.asarray(mask)))
   theirs = hf_logits(model, tokens, mask)
   assert ours.shape == theirs.shape
   return float(np.abs(ours - theirs)[mask].max())
@@ -129,7 +132,8 @@ CASES = {
     # Llama 3.2's shape: tied embeddings, base 5 * 10^5.
     'llama3_tied': ('llama3', dict(tie_word_embeddings=True,
                                    rope_theta=500_000.0)),
-    # Llama 3.1's: untied, its RoPE scaling (every branch of it at width 16).
+    # Llama 3.1's: untied, its RoPE scaling (every branch of it at width 16),
+    # the weights in shards.
     'llama31_untied': ('llama3', dict(tie_word_embeddings=False,
                                       rope_parameters=LLAMA31_ROPE)),
     # Gemma 3 4B's RoPE: linear scaling 8 on the global layer.
@@ -143,7 +147,9 @@ CASES = {
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_loaded_checkpoint_gives_transformers_logits(case, tmp_path, capsys):
   family, kw = CASES[case]
-  model = save_model(tmp_path, family, hf_config(family, **kw))
+  shards = {'max_shard_size': '40KB'} if case == 'llama31_untied' else {}
+  model = save_model(tmp_path, family, hf_config(family, **kw), **shards)
+  assert (len(list(tmp_path.glob('*.safetensors'))) > 1) == bool(shards)
 
   loaded = checkpoints.load(str(tmp_path))
 
@@ -156,6 +162,32 @@ def test_loaded_checkpoint_gives_transformers_logits(case, tmp_path, capsys):
       p.numel() for p in model.parameters())
   diff = max_abs_diff(loaded, model)
   print(f'{case}: max |logits - transformers logits| = {diff:.2e}')
+  assert diff < ATOL
+
+
+def test_multimodal_gemma3_loads_its_text_tower(tmp_path, capsys):
+  text = hf_config('gemma3')
+  vision = transformers.SiglipVisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+      num_attention_heads=2, image_size=28, patch_size=14)
+  config = transformers.Gemma3Config(
+      text_config=text.to_dict(), vision_config=vision.to_dict(),
+      mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+      boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)
+  config._attn_implementation = 'eager'  # pylint: disable=protected-access
+  torch.manual_seed(1)
+  model = transformers.Gemma3ForConditionalGeneration(config).eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.2 * torch.randn_like(param))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  save_tokenizer(tmp_path, bos_token='<s>', eos_token='</s>')
+
+  loaded = checkpoints.load(str(tmp_path))
+
+  assert 'text tower of a multimodal Gemma 3' in capsys.readouterr().out
+  diff = max_abs_diff(loaded, model)
+  print(f'gemma3 multimodal: max |logits - transformers logits| = {diff:.2e}')
   assert diff < ATOL
 
 
@@ -269,14 +301,14 @@ def test_config_tunix_cannot_compute(tmp_path, family, kw, match):
   refusal(tmp_path, match)
 
 
-@functools.lru_cache(maxsize=None)
-def _saved_qwen3(folder):
-  save_model(folder, 'qwen3', hf_config('qwen3'))
-  return folder
+@pytest.fixture(scope='module')
+def saved_qwen3(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('qwen3')
+  return str(folder), save_model(folder, 'qwen3', hf_config('qwen3'))
 
 
-def test_weights_of_another_shape_or_missing(tmp_path_factory):
-  source = _saved_qwen3(str(tmp_path_factory.mktemp('qwen3')))
+def test_weights_of_another_shape_or_missing(saved_qwen3, tmp_path_factory):
+  source, _ = saved_qwen3
   wider = tmp_path_factory.mktemp('wider')
   shutil.copytree(source, wider, dirs_exist_ok=True)
   config = json.loads((wider / 'config.json').read_text())
@@ -297,3 +329,49 @@ def test_weights_of_another_shape_or_missing(tmp_path_factory):
   safetensors.torch.save_file(tensors, missing / 'model.safetensors')
   refusal(missing, 'no safetensors file gives the model\'s '
           'layers.1.attn.k_norm.w')
+
+
+def test_load_onto_a_mesh_shards_the_weights_and_keeps_the_logits(
+    saved_qwen3):
+  folder, _ = saved_qwen3
+  devices = np.asarray(jax.devices()[:8]).reshape(4, 2)
+  mesh = jax.sharding.Mesh(devices, ('fsdp', 'tp'))
+
+  loaded = checkpoints.load(folder, mesh=mesh)
+
+  embedding = loaded.model.embedder.input_embedding.value
+  assert embedding.sharding.spec == jax.sharding.PartitionSpec('tp', 'fsdp')
+  assert len(embedding.sharding.device_set) == 8
+  # The same values as on one device, which give transformers' logits.
+  chex.assert_trees_all_equal(
+      jax.device_get(nnx.state(loaded.model).to_pure_dict()),
+      jax.device_get(nnx.state(checkpoints.load(folder).model).to_pure_dict()))
+  with pytest.raises(configs.UsageError, match="lack tunix's sharding names"):
+    checkpoints.load(folder, mesh=jax.sharding.Mesh(devices, ('data', 'fsdp')))
+
+
+@pytest.mark.parametrize('family', models.FAMILIES)
+def test_created_model_has_random_mlp_kernels(family):
+  """tunix inits MLP kernels to zero, where they get no gradient; not here."""
+  model = models.create(family, models.tiny_config(family, vocab_size=VOCAB),
+                        seed=0)
+  kernels = [np.asarray(linear.kernel.value)
+             for linear in models._mlp_kernels(model)]  # pylint: disable=protected-access
+  assert len(kernels) == 3 * 2  # gate, up, down in each of 2 layers.
+  assert all(np.std(k) > 0.02 for k in kernels)
+
+
+def test_created_model_trains_its_mlp_from_scratch():
+  model = models.create('llama3', models.tiny_config('llama3',
+                                                     vocab_size=VOCAB), seed=0)
+  tokens, mask = batch()
+
+  def loss(model):
+    return jnp.mean(models.logits(model, tokens, mask) ** 2)
+  grads = nnx.jit(nnx.grad(loss))(model)
+
+  mlp_grads = [g for path, g in jax.tree_util.tree_flatten_with_path(
+      nnx.state(grads).to_pure_dict())[0]
+               if 'mlp' in jax.tree_util.keystr(path)]
+  assert len(mlp_grads) == 3 * 2
+  assert all(float(jnp.abs(g).max()) > 0 for g in mlp_grads)

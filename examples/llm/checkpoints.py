@@ -32,12 +32,10 @@ own key mapping and preprocessing (`tunix.models.{qwen3,llama3}.params`,
 it builds is `models.Qwen3` / `models.Llama3` (tunix's, RoPE mended). Before
 loading, every tensor's name and shape is checked from the files' headers
 against the model, so a folder that does not fit is refused naming the
-tensor. Two things in that loader are worked around: its fast path reads
-each file as one array of the first tensor's dtype, so a file mixing dtypes
-goes through its slow path ("original" mode) instead; its Gemma 3 mapping
-knows the multimodal keys as `language_model.model.*` (transformers 4),
-not as `model.language_model.*` (transformers 5), so the latter are mapped
-too.
+tensor. One thing in that loader is worked around: its fast path reads
+each file as one array of the first tensor's dtype (a file mixing float32
+and bfloat16 tensors fails to reshape, or would read garbage), so such a
+file goes through its slow path ("original" mode) instead.
 """
 
 import dataclasses
@@ -379,16 +377,6 @@ def _headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
           for name, meta in header.items() if name != '__metadata__'}
 
 
-def _gemma3_mapping(cfg):
-  """tunix's Gemma 3 mapping, also under transformers 5's multimodal names."""
-  mapping = gemma3_params._get_key_and_transform_mapping(cfg)  # pylint: disable=protected-access
-  prefix = r'(?:language_model\.)?model\.'
-  mapping.update({r'model\.language_model\.' + pattern[len(prefix):]: value
-                  for pattern, value in list(mapping.items())
-                  if pattern.startswith(prefix)})
-  return mapping
-
-
 def _loader_parts(family: str, config):
   """(model class, key mapping, preprocessing) for tunix's loader."""
   if family == 'qwen3':
@@ -397,7 +385,7 @@ def _loader_parts(family: str, config):
   if family == 'llama3':
     return (models.Llama3, llama3_params._get_key_and_transform_mapping,  # pylint: disable=protected-access
             None)
-  return (gemma3_lib.Gemma3, _gemma3_mapping,
+  return (gemma3_lib.Gemma3, gemma3_params._get_key_and_transform_mapping,  # pylint: disable=protected-access
           gemma3_params._make_preprocess_fn(config))  # pylint: disable=protected-access
 
 

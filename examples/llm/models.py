@@ -242,6 +242,26 @@ def attention_mask(mask: jax.Array) -> jax.Array:
   return causal[None] & mask[:, None, :].astype(jnp.bool_)
 
 
+def call_args(tokens: jax.Array, mask: jax.Array) -> tuple:
+  """The positional arguments of every family's `__call__`.
+
+  `(tokens, positions, cache=None, attention_mask)`, the same for tunix's
+  Qwen 3, Llama 3 and Gemma 3: what `qwix.apply_lora_to_model(model,
+  provider, *call_args(tokens, mask), rngs=...)` needs to trace the model.
+
+  Args:
+    tokens: int32 `[B, T]`.
+    mask: bool `[B, T]`, True for real tokens; padding on the right.
+
+  Returns:
+    The tuple.
+  """
+  batch, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                               (batch, length))
+  return tokens, positions, None, attention_mask(mask)
+
+
 def logits(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Array:
   """Next-token logits of any of the three families.
 
@@ -256,10 +276,7 @@ def logits(model: nnx.Module, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     meaningless.
   """
   family_of(model)
-  batch, length = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
-                               (batch, length))
-  out, _ = model(tokens, positions, None, attention_mask(mask))
+  out, _ = model(*call_args(tokens, mask))
   return out.astype(jnp.float32)
 
 
