@@ -69,9 +69,9 @@ def hf_config(family, **kw):
   """A tiny `transformers` config of the family."""
   if family == 'qwen3':
     # Base 10^4 (transformers' default), not tunix's fixed 10^6.
-    return transformers.Qwen3Config(
-        vocab_size=VOCAB, num_hidden_layers=2, rope_theta=10_000.0,
-        tie_word_embeddings=False, **SIZES, **kw)
+    return transformers.Qwen3Config(**{
+        'vocab_size': VOCAB, 'num_hidden_layers': 2, 'rope_theta': 10_000.0,
+        'tie_word_embeddings': False, **SIZES, **kw})
   if family == 'llama3':
     return transformers.LlamaConfig(
         vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=128,
@@ -129,6 +129,9 @@ LLAMA31_ROPE = dict(rope_type='llama3', rope_theta=500_000.0, factor=4.0,
 CASES = {
     # GQA, untied, RoPE base 10^4.
     'qwen3': ('qwen3', {}),
+    # Qwen3-0.6B's: tied embeddings, base 10^6.
+    'qwen3_tied': ('qwen3', dict(tie_word_embeddings=True,
+                                 rope_theta=1_000_000.0)),
     # Llama 3.2's shape: tied embeddings, base 5 * 10^5.
     'llama3_tied': ('llama3', dict(tie_word_embeddings=True,
                                    rope_theta=500_000.0)),
@@ -355,8 +358,8 @@ def test_created_model_has_random_mlp_kernels(family):
   """tunix inits MLP kernels to zero, where they get no gradient; not here."""
   model = models.create(family, models.tiny_config(family, vocab_size=VOCAB),
                         seed=0)
-  kernels = [np.asarray(linear.kernel.value)
-             for linear in models._mlp_kernels(model)]  # pylint: disable=protected-access
+  linears = models._mlp_kernels(model)  # pylint: disable=protected-access
+  kernels = [np.asarray(linear.kernel.value) for linear in linears]
   assert len(kernels) == 3 * 2  # gate, up, down in each of 2 layers.
   assert all(np.std(k) > 0.02 for k in kernels)
 

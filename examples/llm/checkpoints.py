@@ -379,14 +379,15 @@ def _headers(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _loader_parts(family: str, config):
   """(model class, key mapping, preprocessing) for tunix's loader."""
+  # pylint: disable=protected-access
   if family == 'qwen3':
-    return (models.Qwen3, qwen3_params._get_key_and_transform_mapping,  # pylint: disable=protected-access
-            qwen3_params._stack_experts)  # pylint: disable=protected-access
+    return (models.Qwen3, qwen3_params._get_key_and_transform_mapping,
+            qwen3_params._stack_experts)
   if family == 'llama3':
-    return (models.Llama3, llama3_params._get_key_and_transform_mapping,  # pylint: disable=protected-access
+    return (models.Llama3, llama3_params._get_key_and_transform_mapping,
             None)
-  return (gemma3_lib.Gemma3, gemma3_params._get_key_and_transform_mapping,  # pylint: disable=protected-access
-          gemma3_params._make_preprocess_fn(config))  # pylint: disable=protected-access
+  return (gemma3_lib.Gemma3, gemma3_params._get_key_and_transform_mapping,
+          gemma3_params._make_preprocess_fn(config))
 
 
 def _tied(config) -> bool:

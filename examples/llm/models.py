@@ -99,7 +99,11 @@ def _apply_rope(inputs, positions, head_dim, rope_theta=None, *, inv_freq,
 
 @contextlib.contextmanager
 def _rope(module, inv_freq, cast_to_inputs):
-  """Makes `module.apply_rope` use `inv_freq` while the model is traced."""
+  """Makes `module.apply_rope` use `inv_freq` while the model is traced.
+
+  The swap is of a module attribute: two models of one family traced at
+  once from two threads would see each other's frequencies.
+  """
   original = module.apply_rope
 
   def apply_rope(*args, **kwargs):
@@ -149,7 +153,8 @@ MODEL_CLASSES = {'qwen3': Qwen3, 'llama3': Llama3, 'gemma3': Gemma3}
 
 def family_of(model: nnx.Module) -> str:
   """The family of a tunix model (also of its qwix LoRA subclass)."""
-  for family, base in (('qwen3', qwen3_lib.Qwen3), ('llama3', llama3_lib.Llama3),
+  for family, base in (('qwen3', qwen3_lib.Qwen3),
+                       ('llama3', llama3_lib.Llama3),
                        ('gemma3', gemma3_lib.Gemma3)):
     if isinstance(model, base):
       return family
