@@ -112,7 +112,7 @@ def lost_line(process_id: int, status: int, flags: Sequence[str]) -> str:
              if latest is None else
              f'last complete checkpoint: step {latest[1]} in {latest[0]}')
   return (f'lost process {process_id} ({how_it_ended(status)}); the others '
-          f'were stopped; {where}; run the same command to resume.')
+          f'stopped; {where}; run the same command to resume.')
 
 
 def launch(args: argparse.Namespace) -> int:

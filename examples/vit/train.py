@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = cli.parse_config(argv)
     if config.distributed:
       devices.initialize_distributed(config)
-    results = study.run_study(config)
+    with train_loop.preemption.listening():
+      results = study.run_study(config)
   except (configs.UsageError, models.CheckpointError,
           input_pipeline.DataError, checkpointing.ResumeError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -1,5 +1,6 @@
 """The training loop: steps, the logged history and metrics log, checkpoints."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ from typing import Any
 
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import numpy as np
 import optax
@@ -36,40 +38,48 @@ class PreemptionNotice:
   """SIGTERM, the notice a preemptible VM, SLURM or Kubernetes sends before
   it stops a job, asked about between steps.
 
-  One process: a handler that only records the signal. Several (after
-  `jax.distributed.initialize`): JAX's preemption service catches SIGTERM
-  itself and agrees with every process on the step to stop after (orbax's
-  `reached_preemption`: the first step after the notice that every
-  process reaches), so they all stop and save at the same step. Its
-  step count runs on through every loop of the study (each loop's own
-  steps start again at 1), the same on every process.
+  The signal handler only records the notice. One process stops after the
+  step it is in. Several processes must stop after the same step: they
+  share what they received on logged steps (every `--log-every` steps,
+  where the host waits for the devices anyway; no host sync is added to
+  the other steps) and stop together at the first logged step after the
+  notice. A notice JAX's preemption service gives every process itself
+  (`CheckpointManager.reached_preemption`, e.g. a TPU maintenance event)
+  stops them at the step that service agrees on.
   """
 
   def __init__(self):
     self.received = False
-    self.checks = 0
-    self.installed = False
 
-  def install(self) -> None:
-    """Listens for SIGTERM (once; with several processes JAX does)."""
-    if self.installed or jax.process_count() > 1:
-      return
-    signal.signal(signal.SIGTERM, self._record)
-    self.installed = True
+  @contextlib.contextmanager
+  def listening(self):
+    """Records SIGTERM instead of dying of it, within the block."""
+    self.received = False
+    previous = signal.signal(signal.SIGTERM, self._record)
+    try:
+      yield self
+    finally:  # None: a handler not set from Python (JAX's own).
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if previous is None else previous)
 
   def _record(self, signum, frame) -> None:
     del signum, frame
     self.received = True
 
-  def reached(self) -> bool:
-    """Whether to stop after the step just run (every process agrees)."""
-    self.checks += 1
-    if jax.process_count() > 1:
-      return ocp.multihost.reached_preemption(self.checks)
-    return self.received
+  def reached(self, step: int, logged: bool) -> bool:
+    """Whether every process stops after `step` (`logged`: a logged step)."""
+    if jax.process_count() == 1:
+      return self.received
+    if ocp.multihost.reached_preemption(step):
+      return True
+    if not logged:
+      return False
+    return bool(np.any(multihost_utils.process_allgather(
+        np.int32(self.received))))
 
 
-# The process's SIGTERM: one per process, as signals are.
+# The process's SIGTERM (one per process, as signals are); `train.main`
+# listens for it.
 preemption = PreemptionNotice()
 
 
@@ -164,7 +174,6 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
     history = saved or history
   pending = history.pop('window', None)  # Steps run before the resume.
   start = int(state.step)
-  preemption.install()
   log = MetricsLog(metrics_path, start)
   window = []
   bar = tqdm.tqdm(total=steps, initial=start, desc=desc, disable=config.quiet,
@@ -176,7 +185,8 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
       window = window_from_json(pending, metrics)
       pending = None
     window.append(metrics)
-    if step % config.log_every == 0 or step == steps:
+    logged = step % config.log_every == 0 or step == steps
+    if logged:
       _log_window(history, jax.device_get(window),
                   jax.device_get(train_step_lib.logged_metrics(state)), step,
                   schedule, log)
@@ -184,7 +194,7 @@ def train(state: train_step_lib.TrainState, batches, steps: int,
                       acc=f'{history["accuracy"][-1]:.2f}')
       bar.update(step - bar.n)
       window = []
-    preempted = preemption.reached()
+    preempted = preemption.reached(step, logged)
     if manager is not None and (step % config.checkpoint_every == 0
                                 or step == steps or preempted):
       # Orbax copies the arrays to the host before `save` returns, so the
