@@ -9,8 +9,9 @@ PORT a free one (asked of the system, so two launches do not clash). Each
 process gets `--devices-per-process` CPU devices of its own, or with
 `--platform gpu` that many GPUs (`--local-device-ids`: process I gets GPUs
 I*K to I*K+K-1). The processes' output is forwarded line by line, each line
-prefixed with `[I]`; a SIGTERM or SIGINT sent to the launcher is sent on to
-every process (each one then saves and stops, see `train.py`).
+prefixed with `[I]`. A SIGTERM or Ctrl-C to the launcher is sent on to every
+process as SIGTERM: they stop at one step, save it and exit (status 4, see
+`train.py`); the processes end with the launcher.
 
 Exit status: 0 when every process ends well; the processes' own status when
 they agree (2: usage error, 3: `--stop-after`, 4: preempted); else 5, a lost
@@ -23,6 +24,7 @@ a few seconds more).
 
 import argparse
 from collections.abc import Sequence
+import ctypes
 import os
 import re
 import signal
@@ -44,11 +46,11 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def child_env(platform: str, devices_per_process: int, process_id: int,
+def child_env(platform: str, devices_per_process: int,
               environ: dict[str, str] | None = None) -> dict[str, str]:
-  """The environment of process `process_id`: on CPU, its own
-  `devices_per_process` devices (before JAX is imported, as XLA reads the
-  flag once; an inherited device count is replaced)."""
+  """A process's environment: on CPU, `devices_per_process` devices of its
+  own (set before JAX is imported, as XLA reads the flag once; an inherited
+  device count is replaced)."""
   env = dict(os.environ if environ is None else environ)
   env['PYTHONUNBUFFERED'] = '1'
   if platform == 'cpu':
@@ -57,7 +59,6 @@ def child_env(platform: str, devices_per_process: int, process_id: int,
                    env.get('XLA_FLAGS', ''))
     env['XLA_FLAGS'] = (flags + ' --xla_force_host_platform_device_count='
                         f'{devices_per_process}').strip()
-  del process_id
   return env
 
 
@@ -74,6 +75,18 @@ def child_argv(process_id: int, args: argparse.Namespace,
     argv += ['--local-device-ids',
              ','.join(str(process_id * k + j) for j in range(k))]
   return argv + list(args.train_flags)
+
+
+def _own_group_dying_with_us() -> None:
+  """In the child before it runs: its own process group, so that a Ctrl-C
+  reaches the launcher only (which sends SIGTERM on), and on Linux a
+  SIGTERM when the launcher dies (so none is left running)."""
+  os.setpgid(0, 0)
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
 
 
 def _forward(stream, prefix: str, out) -> None:
@@ -120,25 +133,29 @@ def launch(args: argparse.Namespace) -> int:
   port = args.port or free_port()
   children = []
   threads = []
-  for i in range(args.num_processes):
-    child = subprocess.Popen(
+  for i in range(args.num_processes):  # (No thread yet: see preexec_fn.)
+    children.append(subprocess.Popen(
         child_argv(i, args, port),
-        env=child_env(args.platform, args.devices_per_process, i),
+        env=child_env(args.platform, args.devices_per_process),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        errors='replace')
-    children.append(child)
+        errors='replace', preexec_fn=_own_group_dying_with_us))
+  for i, child in enumerate(children):
     for stream, out in ((child.stdout, sys.stdout), (child.stderr,
                                                      sys.stderr)):
       thread = threading.Thread(target=_forward, args=(stream, f'[{i}] ', out),
                                 daemon=True)
       thread.start()
       threads.append(thread)
+  received = []
 
-  def send_on(signum, frame):  # A preemption notice: every process gets it.
+  def send_on(signum, frame):
+    """SIGTERM (a preemption notice) or Ctrl-C: every process gets SIGTERM,
+    stops at one step, saves it and exits."""
     del frame
+    received.append(signum)
     for child in children:
       if child.poll() is None:
-        child.send_signal(signum)
+        child.send_signal(signal.SIGTERM)
   previous = {s: signal.signal(s, send_on)
               for s in (signal.SIGTERM, signal.SIGINT)}
   timeout = args.heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT
@@ -165,6 +182,9 @@ def launch(args: argparse.Namespace) -> int:
     return 0
   if len(set(statuses)) == 1 and statuses[0] in (USAGE, STOPPED, PREEMPTED):
     return statuses[0]
+  if received:  # Stopped by the user (Ctrl-C), not lost: their status.
+    status = next(s for s in statuses if s)
+    return status if status > 0 else 128 - status
   if first_failure is None:  # Cannot happen: some status is not 0.
     first_failure = next((i, s, 0) for i, s in enumerate(statuses) if s)
   lost, status = first_failure[0], first_failure[1]

@@ -27,12 +27,22 @@ At scale: the train step is jitted over a `(data, fsdp)` mesh of every device
 (`--fsdp`, `--mesh-fsdp`; `--dtype bfloat16` activations), `--workdir`
 checkpoints and resumes, `--lora-rank` trains LoRA adapters on a frozen
 backbone, every logged step goes to `metrics_<method>.jsonl`, and
-`--distributed` runs one process per host.
+`--distributed` runs one process per host (`--coordinator-address`,
+`--num-processes`, `--process-id`, or what JAX detects; on one machine
+`python -m examples.vit.launch --num-processes 2 -- FLAGS`). SIGTERM (a
+preemption notice) saves the step every process stops at and exits with
+status 4; the same command resumes. A lost process ends the others within
+`--heartbeat-timeout` seconds (status 5 where this program sees it).
+
+Exit statuses: 0 done, 1 an unexpected error (its traceback), 2 a usage,
+data or resume error (one line), 3 `--stop-after`, 4 preempted (the
+checkpoint of the step written), 5 another process lost.
 
 The files, one job each: `cli.py` (the flags), `study.py` (pre-training,
 the fine-tuning runs, the table), `train_loop.py` (the loop and its logs),
 `train_step.py` (the state, the donated train step, the drift, evaluation),
-`devices.py` (mesh and shardings), `checkpointing.py` (resuming),
+`devices.py` (mesh, shardings, joining the other processes),
+`checkpointing.py` (resuming), `launch.py` (N processes on one machine),
 `models.py`, `checkpoints.py` (public checkpoints), `input_pipeline.py`,
 `lora.py`, `plots.py`.
 """
@@ -91,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   except train_loop.Preempted as preempted:
     step, workdir = preempted.args
     if workdir is None:
-      print(f'preempted at step {step}; nothing saved (no --workdir): the '
-            'same command starts again.', file=sys.stderr)
+      print(f'preempted at step {step} of a run not checkpointed '
+            '(pre-training, or no --workdir); the same command starts it '
+            'again.', file=sys.stderr)
     else:
       print(f'preempted at step {step}; run the same command to resume.',
             file=sys.stderr)
