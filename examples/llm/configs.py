@@ -71,9 +71,9 @@ class Config:
   # The grid of each method's strength (`--weight-decay`).
   weight_decay: dict[str, list[float]] = dataclasses.field(
       default_factory=lambda: {'adamw_lora': [0.0, 10.0],
-                               'spd_lora': [0.5, 2.0, 8.0],
-                               'adamw_full': [0.0, 10.0],
-                               'spd_full': [0.5, 2.0, 8.0]})
+                               'spd_lora': [2.0, 8.0, 32.0],
+                               'adamw_full': [0.0, 1.0],
+                               'spd_full': [2.0, 8.0, 32.0]})
   seed: int = 0
   seeds: int = 3  # fine-tuning seeds (data order, adapters' init)
 

@@ -303,9 +303,9 @@ class Trainer:
         for name, key in (('selected', 'selection_rate'), ('ratio', 'ratio')):
           if name not in window[-1]:
             continue
-          values = {leaf: float(np.mean([leaf_values(m[name])[leaf]
-                                         for m in window]))
-                    for leaf in leaf_values(window[-1][name])}
+          per_step = [leaf_values(m[name]) for m in window]
+          values = {leaf: float(np.mean([v[leaf] for v in per_step]))
+                    for leaf in per_step[-1]}
           record[key] = values
           for leaf, value in values.items():
             history.setdefault(key, {}).setdefault(leaf, []).append(value)
