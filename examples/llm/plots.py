@@ -146,7 +146,8 @@ def plot_all(results: dict[str, Any], directory: str) -> list[str]:
 
   if results['pretrained'].get('id_loss') is not None:
     save(plot_tradeoff, 'id_vs_retention.png', results)
-  save(plot_loss, 'loss.png', results)
+  if any(r['history']['step'] for r in results['runs'].values()):
+    save(plot_loss, 'loss.png', results)  # (--trainer peft logs no history)
   for method in ('spd_lora', 'spd_full'):
     runs = sorted((r for r in results['runs'].values()
                    if r['method'] == method and r['history'].get('ratio')),
