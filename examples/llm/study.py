@@ -370,11 +370,20 @@ def _peft_train(method: str, model: nnx.Module, weight_decay: float,
   """The same fine-tuning through tunix's `PeftTrainer` (its own loop and
   jitted step); returns the `Run` of the trained model and optimizer."""
   from tunix.sft import peft_trainer  # pylint: disable=g-import-not-at-top
+  if not train_step.is_lora(method):
+    # PeftTrainer updates the model in place: train a copy, never the
+    # pre-trained model the other runs start from.
+    model = nnx.clone(model)
+    nnx.update(model, train_step.fresh(nnx.state(model, nnx.Param)))
   tx = train_step.peft_optimizer(method, schedule, weight_decay)
   trainer = peft_trainer.PeftTrainer(
       model, tx, peft_trainer.TrainingConfig(
           eval_every_n_steps=config.steps + 1, max_steps=config.steps,
           pbar_description=None if config.quiet else f'PeftTrainer {method}'))
+  # Its step donates the optimizer: SPD's anchor must not be the weights'
+  # own buffers.
+  nnx.update(trainer.optimizer, train_step.fresh(
+      nnx.state(trainer.optimizer, nnx.optimizer.OptState)))
   trainer = trainer.with_loss_fn(train_step.loss_fn).with_gen_model_input_fn(
       lambda batch: {'batch': batch})
   trainer.train(batches)

@@ -14,7 +14,6 @@ trainable part (adapters or weights, and the optimizer state) donated.
 """
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 from flax import nnx
@@ -162,8 +161,8 @@ def trainable_filter(method: str):
   return nnx.Any(wrt(method), nnx.optimizer.OptState)
 
 
-@functools.partial(jax.jit, donate_argnums=())
-def _fresh(tree):
+@jax.jit
+def fresh(tree):
   """Copies of every leaf (the step donates them; no buffer is shared with
   the pre-trained weights, nor between the weights and SPD's anchor)."""
   return jax.tree.map(jnp.copy, tree)
@@ -183,7 +182,7 @@ def make_run(method: str, model: nnx.Module, tx: optax.GradientTransformation,
   set_hyperparams(optimizer, weight_decay=weight_decay)
   graphdef, trainable, frozen = nnx.split((model, optimizer),
                                           trainable_filter(method), ...)
-  trainable = _fresh(trainable)
+  trainable = fresh(trainable)
   if shardings is not None:
     trainable = jax.device_put(trainable, shardings(trainable))
     frozen = jax.device_put(frozen, shardings(frozen))
