@@ -92,7 +92,7 @@ def _adapted(model: nnx.Module):
 
 
 def _delta(module, name: str, scale: float) -> jax.Array:
-  """The adapter's change of the weight, `scale * a b`, in the weight's shape."""
+  """The adapter's change of the weight, `scale * a b`, shaped as the weight."""
   a = getattr(module, name + '_lora_a')[...]
   b = getattr(module, name + '_lora_b')[...]
   weight = getattr(module, name)[...]

@@ -31,8 +31,6 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
-import spd_optax as spd
-
 from examples.llm import checkpoints
 from examples.llm import cli
 from examples.llm import configs
@@ -416,7 +414,8 @@ def fine_tune(method: str, weight_decay: float, seed: int, index: int,
   batches = domains.finetune(seed + 1)
   decay_tag = f'{weight_decay:g}'
   tag = f'_{decay_tag}' + (f'_seed{index}' if index else '')
-  desc = f'{configs.METHOD_NAMES[method]} {configs.DECAY_NAMES[method]}={decay_tag} seed {index}'
+  desc = (f'{configs.METHOD_NAMES[method]} '
+          f'{configs.DECAY_NAMES[method]}={decay_tag} seed {index}')
   if config.trainer == 'peft':
     run = _peft_train(method, model, weight_decay, schedule, batches, config)
     run.lora_scale = lora_scale
@@ -520,7 +519,8 @@ def run_study(config: configs.Config) -> dict[str, Any]:
   dtype = jnp.dtype(config.dtype)
   if config.checkpoint is not None:
     loaded = checkpoints.load(config.checkpoint, dtype=dtype)
-    base_model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+    base_model, tokenizer = loaded.model, loaded.tokenizer
+    family = loaded.family
     summary = loaded.summary
   else:
     tokenizer = data.ByteTokenizer()

@@ -82,7 +82,7 @@ def wrt(method: str):
 
 
 def set_hyperparams(optimizer: nnx.Optimizer, **values) -> None:
-  """Sets injected hyperparameters (`learning_rate`, `weight_decay`) in place."""
+  """Sets injected hyperparameters (`learning_rate`, `weight_decay`)."""
   hyperparams = optimizer.opt_state.hyperparams
   for name, value in values.items():
     hyperparams[name].value = jnp.asarray(value, hyperparams[name].value.dtype)
