@@ -27,7 +27,11 @@ FAST = ['--quiet', '--num-layers', '1', '--embed-dim', '32', '--hidden-dim',
         '64', '--num-heads', '2', '--num-kv-heads', '1', '--head-dim', '16',
         '--seq-len', '32', '--batch-size', '4', '--eval-batch-size', '4',
         '--pretrain-batch-size', '4', '--eval-tokens', '256',
-        '--pretrain-bytes', '200000', '--log-every', '2']
+        '--pretrain-bytes', '200000', '--log-every', '2',
+        '--lora-targets', 'q,v']
+# Adapters on q and v only keep the tests' compiles small (every target of
+# every family is checked by the step-0 test).
+TARGETS = ('q', 'v')
 
 
 # One trainer for the tests that train: its compiled step per method is
@@ -106,7 +110,7 @@ def test_lora_model_at_step_zero_gives_the_base_logits_exactly(family):
 def test_spd_lora_state_is_adams_moments_of_the_adapters_and_frozen_stay():
   base = tiny_model()
   pretrained = flat(nnx.state(base, nnx.Param))
-  model = lora.apply(base, rank=2, alpha=4.0, seed=2)
+  model = lora.apply(base, rank=2, alpha=4.0, seed=2, targets=TARGETS)
   adapters = flat(nnx.state(model, nnx.LoRAParam))
   trainer = TRAINER
   tx = trainer.optimizer('spd_lora')
@@ -142,9 +146,9 @@ def test_spd_lora_state_is_adams_moments_of_the_adapters_and_frozen_stay():
 
   # A second run at another lambda and seed reuses the compiled step.
   compiled = trainer.steps['spd_lora'][1]
-  other = train_step.make_run('spd_lora', lora.apply(base, rank=2, alpha=4.0,
-                                                      seed=3),
-                              tx, weight_decay=0.5, lora_scale=2.0)
+  adapted = lora.apply(base, rank=2, alpha=4.0, seed=3, targets=TARGETS)
+  other = train_step.make_run('spd_lora', adapted, tx, weight_decay=0.5,
+                              lora_scale=2.0)
   assert trainer.step(other, next(batches())) is compiled
   assert list(trainer.compile_s).count('spd_lora') == 1
   assert 'spd_lora (again)' not in trainer.compile_s
@@ -171,8 +175,8 @@ def test_peft_trainer_gives_the_same_adapters_as_the_nnx_step():
   base = tiny_model()
   config = configs.Config(steps=3, warmup_steps=1, log_every=3, quiet=True)
   schedule = study.make_schedule(config, 1e-2)
-  ours = lora.apply(base, rank=2, alpha=4.0, seed=5)
-  theirs = lora.apply(base, rank=2, alpha=4.0, seed=5)
+  ours = lora.apply(base, rank=2, alpha=4.0, seed=5, targets=TARGETS)
+  theirs = lora.apply(base, rank=2, alpha=4.0, seed=5, targets=TARGETS)
   run = train_step.make_run('spd_lora', ours, TRAINER.optimizer('spd_lora'),
                             weight_decay=2.0, lora_scale=2.0)
   TRAINER.train(run, batches(seed=1), 3, schedule, 'ours')
@@ -180,8 +184,8 @@ def test_peft_trainer_gives_the_same_adapters_as_the_nnx_step():
                            config)
   mine = flat(nnx.state(run.merge()[0], nnx.LoRAParam))
   tunix = flat(nnx.state(peft.merge()[0], nnx.LoRAParam))
-  start = flat(nnx.state(lora.apply(base, rank=2, alpha=4.0, seed=5),
-                         nnx.LoRAParam))
+  start = flat(nnx.state(lora.apply(base, rank=2, alpha=4.0, seed=5,
+                                    targets=TARGETS), nnx.LoRAParam))
   assert mine.keys() == tunix.keys()
   for name in mine:
     assert np.any(mine[name] != start[name]), name
@@ -259,7 +263,8 @@ def test_checkpoint_data_and_eval_dir_end_to_end(tmp_path, capsys):
       '--optimizer', 'spd_lora', '--weight-decay', '1', '--steps', '2',
       '--seeds', '1', '--batch-size', '4', '--eval-batch-size', '4',
       '--heldout-records', '4', '--seq-len', '32', '--eval-tokens', '128',
-      '--max-len', '320', '--log-every', '1', '--results-dir', str(out)])
+      '--max-len', '320', '--log-every', '1', '--lora-targets', 'q,v',
+      '--results-dir', str(out)])
   printed = capsys.readouterr().out
   assert 'Loaded qwen3' in printed and 'boolq' in printed
   assert results['family'] == 'qwen3'
