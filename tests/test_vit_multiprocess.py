@@ -209,6 +209,8 @@ def test_lost_process_ends_the_job_within_the_heartbeat_and_resumes(
   # The survivor's failed collective ends it at once, or JAX's heartbeat
   # (10 s) does; the launcher would end it 10 s after that.
   assert elapsed < HEARTBEAT + 10, elapsed
+  assert ('[0] process 0: a collective with the other processes failed' in err
+          or 'the JAX distributed service detected fatal errors' in err), err
   last = err.strip().splitlines()[-1]
   found = re.fullmatch(
       r'lost process 1 \(killed by SIGKILL\); the others stopped; last '

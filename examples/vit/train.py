@@ -139,8 +139,9 @@ def lost_process_line(error: BaseException,
     where = (f'no complete checkpoint yet in {os.path.abspath(config.workdir)}'
              if latest is None else
              f'last complete checkpoint: step {latest[1]} in {latest[0]}')
-  return (f'process {jax.process_index()}: lost another process ({what}); '
-          f'{where}; run the same command to resume.')
+  return (f'process {jax.process_index()}: a collective with the other '
+          f'processes failed, one is likely lost ({what}); {where}; run the '
+          'same command to resume.')
 
 
 if __name__ == '__main__':
