@@ -311,6 +311,7 @@ def test_fsdp_mesh_splits_weights_and_their_optimizer_state():
     (['--eval-tasks', 'mmlu'], '--eval-tasks'),
     (['--seeds', '0'], '--seeds must be positive'),
     (['--trainer', 'peft', '--fsdp'], '--trainer peft'),
+    (['--dtype', 'bfloat16'], '--dtype bfloat16 is for --checkpoint'),
 ])
 def test_bad_flags_stop_with_one_line(argv, match, capsys):
   assert match in run_error(argv, capsys)

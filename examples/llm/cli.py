@@ -175,8 +175,8 @@ def make_parser() -> argparse.ArgumentParser:
     help='the fsdp axis size (implies --fsdp); the data axis gets the rest.')
   a('--fsdp-min-size', type=int, default=d.fsdp_min_size)
   a('--dtype', default=d.dtype, choices=('float32', 'bfloat16'),
-    help='the model\'s weights and activations; LoRA adapters and their '
-    'optimizer state stay float32.')
+    help='the checkpoint\'s weights and activations; LoRA adapters and '
+    'their optimizer state stay float32.')
   return parser
 
 
@@ -228,6 +228,9 @@ def parse_config(argv: Sequence[str] | None) -> configs.Config:
   if config.eval_dir is not None and not os.path.isdir(config.eval_dir):
     raise configs.UsageError(f'--eval-dir {config.eval_dir} is not a '
                              'folder.')
+  if config.dtype != 'float32' and config.checkpoint is None:
+    raise configs.UsageError(f'--dtype {config.dtype} is for --checkpoint; '
+                             'the small decoder trains in float32.')
   if config.trainer == 'peft' and (config.fsdp or config.mesh_fsdp):
     raise configs.UsageError('--trainer peft runs on tunix\'s own mesh '
                              'handling; use --trainer nnx with --fsdp.')
