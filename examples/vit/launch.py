@@ -17,9 +17,9 @@ Exit status: 0 when every process ends well; the processes' own status when
 they agree (2: usage error, 3: `--stop-after`, 4: preempted); else 5, a lost
 process, with one line on stderr naming it, how it ended, and the last
 complete checkpoint in `--workdir` (the same command resumes from it). The
-others are stopped within `--heartbeat-timeout` seconds of the loss (the
-JAX runtime's own heartbeat ends them; the launcher ends what is left after
-a few seconds more).
+others stop within `--heartbeat-timeout` seconds of the loss (a failed
+collective or the JAX runtime's heartbeat ends them; the launcher ends what
+is left `--grace` seconds later).
 """
 
 import argparse
@@ -192,12 +192,21 @@ def launch(args: argparse.Namespace) -> int:
   return LOST
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+  """The docstring as written; a flag's default unless it is None."""
+
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog='python -m examples.vit.launch',
       usage='%(prog)s [-h] --num-processes N [options] -- [train.py flags]',
-      description=__doc__.split('\n\n')[1].replace('\n', ' '),
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      description=__doc__, formatter_class=_HelpFormatter)
   a = parser.add_argument
   a('--num-processes', type=int, required=True, metavar='N',
     help='processes to start.')
