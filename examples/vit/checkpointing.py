@@ -126,31 +126,6 @@ def open_workdir(workdir: str, fingerprint: dict[str, Any], state, batches,
   return manager, state, history
 
 
-def last_complete_checkpoint(workdir: str) -> tuple[str, int] | None:
-  """`(DIR/<run>, step)` of the newest complete checkpoint under `workdir`.
-
-  A step is complete once orbax has committed it (its folder renamed from
-  the temporary name and `commit_success.txt` written, by every process);
-  of the runs' folders (one per method and seed) the one written last
-  counts. None when there is none.
-  """
-  root = os.path.abspath(workdir)
-  newest = None
-  if not os.path.isdir(root):
-    return None
-  for run in os.listdir(root):
-    run_dir = os.path.join(root, run)
-    if not os.path.isdir(run_dir):
-      continue
-    for step in os.listdir(run_dir):
-      committed = os.path.join(run_dir, step, 'commit_success.txt')
-      if step.isdigit() and os.path.exists(committed):
-        key = (os.path.getmtime(committed), int(step))
-        if newest is None or key > newest[0]:
-          newest = (key, run_dir, int(step))
-  return None if newest is None else (newest[1], newest[2])
-
-
 def _one_line(error: BaseException) -> str:
   text = ' '.join(str(error).split())
   return text[:400] + ('...' if len(text) > 400 else '') or type(error).__name__

@@ -113,14 +113,40 @@ def how_it_ended(status: int) -> str:
   return f'exit status {status}'
 
 
+def last_complete_checkpoint(workdir: str) -> tuple[str, int] | None:
+  """`(DIR/<run>, step)` of the newest complete checkpoint under `workdir`.
+
+  A step is complete once orbax has committed it (its folder renamed from
+  the temporary name and `commit_success.txt` written, once every process
+  has written its part); of the runs' folders (`checkpointing.py`: one per
+  method and seed) the one written last counts. None when there is none.
+  Read from the folders without JAX or orbax, so that the launcher stays
+  light and answers at once.
+  """
+  root = os.path.abspath(workdir)
+  newest = None
+  if not os.path.isdir(root):
+    return None
+  for run in os.listdir(root):
+    run_dir = os.path.join(root, run)
+    if not os.path.isdir(run_dir):
+      continue
+    for step in os.listdir(run_dir):
+      committed = os.path.join(run_dir, step, 'commit_success.txt')
+      if step.isdigit() and os.path.exists(committed):
+        key = (os.path.getmtime(committed), int(step))
+        if newest is None or key > newest[0]:
+          newest = (key, run_dir, int(step))
+  return None if newest is None else (newest[1], newest[2])
+
+
 def lost_line(process_id: int, status: int, flags: Sequence[str]) -> str:
   """The one line a lost process gets: who, how, and where to resume."""
-  from examples.vit import checkpointing  # pylint: disable=g-import-not-at-top
   workdir = _flag_value(flags, '--workdir')
   if workdir is None:
     where = 'no --workdir: nothing to resume from'
   else:
-    latest = checkpointing.last_complete_checkpoint(workdir)
+    latest = last_complete_checkpoint(workdir)
     where = ('no complete checkpoint yet in ' + os.path.abspath(workdir)
              if latest is None else
              f'last complete checkpoint: step {latest[1]} in {latest[0]}')

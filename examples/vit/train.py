@@ -60,6 +60,7 @@ from examples.vit import cli
 from examples.vit import configs
 from examples.vit import devices
 from examples.vit import input_pipeline
+from examples.vit import launch
 from examples.vit import models
 from examples.vit import plots
 from examples.vit import study
@@ -135,7 +136,7 @@ def lost_process_line(error: BaseException,
   what = ' '.join(str(error).split())[:200]
   where = 'no --workdir: nothing to resume from'
   if config is not None and config.workdir is not None:
-    latest = checkpointing.last_complete_checkpoint(config.workdir)
+    latest = launch.last_complete_checkpoint(config.workdir)
     where = (f'no complete checkpoint yet in {os.path.abspath(config.workdir)}'
              if latest is None else
              f'last complete checkpoint: step {latest[1]} in {latest[0]}')
