@@ -212,7 +212,7 @@ def tiny_config(family: str, *, vocab_size: int, num_layers: int = 2,
 
 def _mlp_kernels(model: nnx.Module):
   """The MLP projections' `nnx.Linear` modules (tunix inits them to zero)."""
-  return [module for path, module in model.iter_modules()
+  return [module for path, module in nnx.iter_modules(model)
           if isinstance(module, nnx.Linear) and 'mlp' in path]
 
 
@@ -236,7 +236,7 @@ def create(family: str, config, *, seed: int) -> nnx.Module:
   init = nnx.initializers.lecun_normal()
   for linear in _mlp_kernels(model):
     kernel = linear.kernel
-    kernel.value = init(rngs.params(), kernel.value.shape, kernel.value.dtype)
+    kernel.set_value(init(rngs.params(), kernel.shape, kernel.dtype))
   return model
 
 

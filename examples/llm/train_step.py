@@ -85,7 +85,8 @@ def set_hyperparams(optimizer: nnx.Optimizer, **values) -> None:
   """Sets injected hyperparameters (`learning_rate`, `weight_decay`)."""
   hyperparams = optimizer.opt_state.hyperparams
   for name, value in values.items():
-    hyperparams[name].value = jnp.asarray(value, hyperparams[name].value.dtype)
+    hyperparams[name].set_value(
+        jnp.asarray(value, hyperparams[name].get_value().dtype))
 
 
 def loss_terms(model: nnx.Module, batch: dict[str, jax.Array]):
@@ -117,7 +118,7 @@ def with_loss_mask(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _pure(tree):
   """The arrays of a tree of `nnx.Variable`s."""
-  return jax.tree.map(lambda v: v.value if isinstance(v, nnx.Variable) else v,
+  return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
                       tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
