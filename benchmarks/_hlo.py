@@ -34,15 +34,20 @@ def _type_bytes(text):
   return total
 
 
-def _entry_lines(hlo_text):
-  lines = hlo_text.splitlines()
-  start = next(i for i, line in enumerate(lines) if line.startswith('ENTRY'))
+def _body(lines, start):
+  """The lines of the computation whose header is `lines[start]`."""
   body = []
   for line in lines[start + 1:]:
     if line.startswith('}'):
       break
     body.append(line)
   return body
+
+
+def _entry_lines(hlo_text):
+  lines = hlo_text.splitlines()
+  return _body(lines, next(i for i, line in enumerate(lines)
+                           if line.startswith('ENTRY')))
 
 
 def _computation_lines(hlo_text, name):
@@ -53,12 +58,7 @@ def _computation_lines(hlo_text, name):
                None)
   if start is None:
     return []
-  body = []
-  for line in lines[start + 1:]:
-    if line.startswith('}'):
-      break
-    body.append(line)
-  return body
+  return _body(lines, start)
 
 
 def _loop_passthrough(hlo_text, body_name):

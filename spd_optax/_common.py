@@ -751,3 +751,12 @@ def unzip(results, like, n: int):
 
 def num_elements(shape) -> int:
   return math.prod(shape)
+
+
+def moments_rule(update_of_moments, grads, base_state, new_base_state, params):
+  """The fused path's rule and its per-leaf moments: `(None, Nones)` without
+  one (`update_of_moments` is `_spd._adam_update_of_moments`'s)."""
+  if update_of_moments is None:
+    return None, jax.tree.map(lambda _: None, params)
+  rule = update_of_moments(grads, base_state, new_base_state)
+  return rule, rule.moments

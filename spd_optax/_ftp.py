@@ -231,12 +231,9 @@ def _fast_trainable_projection(
     anchors = _common.anchor_leaves(state.anchor, params)
     first_step = state.count == 0
     rate = _common.scalar_or_schedule(mu, state.count)
-    if update_of_moments is None:
-      rule, moments = None, jax.tree.map(lambda _: None, params)
-    else:
-      rule = update_of_moments(updates, state.base_optimizer_state,
-                               base_state)
-      moments = rule.moments
+    rule, moments = _common.moments_rule(
+        update_of_moments, updates, state.base_optimizer_state, base_state,
+        params)
 
     def project(param, grad, update, anchor, moment, gamma, gamma_m, gamma_v,
                 c_prev, s_prev, keep, axes, name):

@@ -160,12 +160,9 @@ def _selective_projection_decay(
     axis_names = _common.resolve_per_leaf(axis_name, params, 'axis_name')
     anchors = _common.anchor_leaves(state.anchor, params)
     decay = _common.scalar_or_schedule(weight_decay, state.count)
-    if update_of_moments is None:
-      rule, moments = None, jax.tree.map(lambda _: None, params)
-    else:
-      rule = update_of_moments(updates, state.base_optimizer_state,
-                               base_state)
-      moments = rule.moments
+    rule, moments = _common.moments_rule(
+        update_of_moments, updates, state.base_optimizer_state, base_state,
+        params)
 
     def project(param, grad, update, anchor, moment, keep, kept, name):
       if not keep:

@@ -56,10 +56,12 @@ def gradients(params, anchor, noise, step):
           for name in params}
 
 
-def run(opt, steps, dtype, zero_anchor=False):
-  params = leaf_values(0, 0.02, dtype)
+def run(opt, steps, dtype, zero_anchor=False, params=None, noise=None):
+  """`steps` jitted updates of `opt` (params and noise: `leaf_values`'s
+  unless given); the params and state after each step."""
+  params = leaf_values(0, 0.02, dtype) if params is None else params
   anchor = jax.tree.map(np.zeros_like, params) if zero_anchor else params
-  noise = leaf_values(1, 1.0, dtype)
+  noise = leaf_values(1, 1.0, dtype) if noise is None else noise
   state = opt.init(jax.tree.map(jnp.asarray, params))
   step_fn = jax.jit(opt.update)
   history, states = [], []
@@ -273,19 +275,7 @@ def run_ftp(opt, steps, dtype, zero_anchor=False):
             for k, s in FTP_SHAPES.items()}
   noise = {k: np.asarray(rng.normal(size=s), dtype)
            for k, s in FTP_SHAPES.items()}
-  anchor = jax.tree.map(np.zeros_like, params) if zero_anchor else params
-  state = opt.init(jax.tree.map(jnp.asarray, params))
-  step_fn = jax.jit(opt.update)
-  history, states = [], []
-  for t in range(steps):
-    grads = jax.tree.map(lambda g: np.asarray(g, dtype),
-                         gradients(params, anchor, noise, t))
-    updates, state = step_fn(grads, state, params)
-    params = jax.tree.map(lambda p, u: np.asarray(p + u, dtype), params,
-                          updates)
-    history.append(params)
-    states.append(state)
-  return history, states
+  return run(opt, steps, dtype, zero_anchor, params=params, noise=noise)
 
 
 @pytest.mark.parametrize('config', [
