@@ -36,6 +36,9 @@ import time
 
 # Exit statuses (train.py's, and the launcher's own).
 USAGE, STOPPED, PREEMPTED, LOST = 2, 3, 4, 5
+# How a process that outlived a lost one ends: it says so (LOST), or JAX's
+# runtime aborts it (SIGABRT: -6 from Popen, 134 from a shell).
+_SURVIVOR_STATUSES = (LOST, -signal.SIGABRT, 128 + signal.SIGABRT)
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # seconds, JAX's default
 
 
@@ -185,15 +188,14 @@ def launch(args: argparse.Namespace) -> int:
   previous = {s: signal.signal(s, send_on)
               for s in (signal.SIGTERM, signal.SIGINT)}
   timeout = args.heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT
-  first_failure = None  # (process id, status, when)
+  failed_at = {}  # process id -> when its failure was first seen
   try:
     while any(child.poll() is None for child in children):
       for i, child in enumerate(children):
-        status = child.poll()
-        if status not in (None, 0) and first_failure is None:
-          first_failure = (i, status, time.monotonic())
-      if (first_failure is not None and
-          time.monotonic() - first_failure[2] > timeout + args.grace):
+        if child.poll() not in (None, 0):
+          failed_at.setdefault(i, time.monotonic())
+      if (failed_at and
+          time.monotonic() - min(failed_at.values()) > timeout + args.grace):
         for child in children:  # The runtime did not end them: we do.
           if child.poll() is None:
             child.kill()
@@ -211,10 +213,15 @@ def launch(args: argparse.Namespace) -> int:
   if received:  # Stopped by the user (Ctrl-C), not lost: their status.
     status = next(s for s in statuses if s)
     return status if status > 0 else 128 - status
-  if first_failure is None:  # Cannot happen: some status is not 0.
-    first_failure = next((i, s, 0) for i, s in enumerate(statuses) if s)
-  lost, status = first_failure[0], first_failure[1]
-  print(lost_line(lost, status, args.train_flags), file=sys.stderr)
+  for i, s in enumerate(statuses):
+    if s:
+      failed_at.setdefault(i, float('inf'))
+  # The lost process is the first seen to fail, but a survivor that reported
+  # the loss (LOST) or was aborted by JAX's runtime (SIGABRT) is never it:
+  # within one poll the survivor may be seen first.
+  lost = min(failed_at, key=lambda i: (statuses[i] in _SURVIVOR_STATUSES,
+                                       failed_at[i], i))
+  print(lost_line(lost, statuses[lost], args.train_flags), file=sys.stderr)
   return LOST
 
 
